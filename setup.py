@@ -1,0 +1,33 @@
+"""Installs vsml_jax: Variable Shared Meta Learning in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vsml_jax",
+    version="0.1.0",
+    description="Variable Shared Meta Learning (VS-ML) in JAX: learning algorithms "
+                "that run in the forward dynamics of weight-shared tiny LSTMs.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vsml_jax", "vsml_jax.*", "experiments", "experiments.*"]),
+    package_data={"vsml_jax": ["pretrained/*.msgpack", "pretrained/*.json"],
+                  "experiments": ["configs/*.flags"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "evosax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.89",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "tfds": ["tensorflow-datasets>=4.9"],
+        # Accelerator builds of jaxlib; see BUILD.md.
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+)

@@ -1,0 +1,227 @@
+"""The online episode: `unroll(params, state, data) -> (state, outputs)`.
+
+One data point per step (sec. 3.2). With the default "delayed_error" protocol,
+step t feeds x_t on slot `input_slot` of layer 0's forward message and the
+error e_{t-1} of the previous prediction on slot `error_slot` of the last
+layer's backward message, runs every layer for `micro_ticks` ticks, reads the
+logits from slot `output_slot` of the last layer's outgoing forward message and
+computes e_t = softmax(logits) - y_t for the next step. No gradient is computed:
+learning happens in the forward dynamics alone.
+
+Everything here is a pure function of arrays: it works under `jax.jit`,
+`jax.vmap` (a batch of episodes, or a population of params) and `jax.grad`
+(BPTT through the whole episode, optionally rematerialised).
+"""
+from __future__ import annotations
+
+import types
+from typing import Optional, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from vsml_jax import grid
+from vsml_jax.config import VSMLConfig
+from vsml_jax.params import VSMLParams
+from vsml_jax.state import LayerState, VSMLState
+
+
+@struct.dataclass
+class StepOutput:
+    """Per-step outputs; `unroll` stacks them on a leading time axis [T, ...].
+
+    logits [C] (predicted before y_t is seen), loss [] (softmax cross-entropy),
+    correct [] (1.0 if argmax logits == argmax y_t).
+    """
+    logits: jax.Array
+    loss: jax.Array
+    correct: jax.Array
+
+
+def _kernel(impl: str) -> types.ModuleType:
+    if impl == "fast":
+        return grid
+    if impl == "reference":
+        from vsml_jax import reference  # imported lazily: only tests/benchmarks use it
+        return reference
+    raise ValueError(f"impl={impl!r} is unknown; use 'fast' or 'reference'.")
+
+
+def input_message(cfg: VSMLConfig, x: jax.Array) -> jax.Array:
+    """[A, m] forward message of layer 0: x_a on `input_slot`, zeros elsewhere."""
+    msg = jnp.zeros((x.shape[0], cfg.msg_size), x.dtype)
+    return msg.at[:, cfg.input_slot].set(x)
+
+
+def error_message(cfg: VSMLConfig, error: jax.Array, label: jax.Array) -> jax.Array:
+    """[C, m] backward message of the last layer: e_b (and y_b if feed_label)."""
+    msg = jnp.zeros((error.shape[0], cfg.msg_size), error.dtype)
+    msg = msg.at[:, cfg.error_slot].set(error)
+    if cfg.feed_label:
+        msg = msg.at[:, cfg.label_slot].set(label)
+    return msg
+
+
+def readout(cfg: VSMLConfig, out_msg: jax.Array) -> jax.Array:
+    """[C] logits from the last layer's forward messages [C, m]."""
+    value = out_msg[:, cfg.output_slot]
+    if cfg.readout_tanh:
+        value = jnp.tanh(value)
+    return cfg.readout_scale * value
+
+
+def forward_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Array,
+                 err_msg: jax.Array, impl: str = "fast"
+                 ) -> Tuple[Tuple[LayerState, ...], jax.Array]:
+    """Ticks every layer once through the stack on input x [A0] and error message.
+
+    Backward messages between layers come from the states *before* this pass
+    (they travel one data point behind, like the error itself); forward
+    messages flow through the stack within the pass.
+
+    Returns: (new layer states, logits [C]).
+    """
+    cfg, k = params.cfg, _kernel(impl)
+    L = cfg.num_layers
+    bwd_ins = [k.backward_messages(params.layer(l + 1), cfg, layers[l + 1])
+               for l in range(L - 1)] + [err_msg]
+    fwd_in = input_message(cfg, x)
+    new_layers = []
+    for l in range(L):
+        p = params.layer(l)
+        s = k.layer_ticks(p, cfg, layers[l], fwd_in, bwd_ins[l], l)
+        fwd_in = k.forward_messages(p, cfg, s)
+        new_layers.append(s)
+    return tuple(new_layers), readout(cfg, fwd_in)
+
+
+def _loss_and_error(cfg: VSMLConfig, logits: jax.Array, y: jax.Array):
+    logp = jax.nn.log_softmax(logits)
+    loss = -jnp.sum(y * logp)
+    error = cfg.error_scale * (jnp.exp(logp) - y)  # d CE / d logits
+    correct = (jnp.argmax(logits) == jnp.argmax(y)).astype(logits.dtype)
+    return loss, error, correct
+
+
+def step(params: VSMLParams, state: VSMLState, x: jax.Array, y: jax.Array,
+         impl: str = "fast") -> Tuple[VSMLState, StepOutput]:
+    """One online step on one example: x [A0], y one-hot [C]."""
+    cfg = params.cfg
+    if cfg.protocol == "delayed_error":
+        err_msg = error_message(cfg, state.error, state.label)
+        layers, logits = forward_pass(params, state.layers, x, err_msg, impl)
+        loss, error, correct = _loss_and_error(cfg, logits, y)
+    else:  # predict_then_learn: predict with no feedback, then learn from e_t.
+        zeros = jnp.zeros_like(state.error)
+        layers, logits = forward_pass(params, state.layers, x,
+                                      error_message(cfg, zeros, zeros), impl)
+        loss, error, correct = _loss_and_error(cfg, logits, y)
+        layers, _ = forward_pass(params, layers, x, error_message(cfg, error, y), impl)
+    new_state = VSMLState(layers=layers, error=error, label=y.astype(error.dtype))
+    return new_state, StepOutput(logits=logits, loss=loss, correct=correct)
+
+
+def _batch_averaged_step(params, state, x, y, impl):
+    """K parallel copies of one network, states averaged after every step.
+
+    This is the paper's analogue of mini-batching (sec. 3.1, appendix C): x [K, A0],
+    y [K, C], state leaves with a leading axis [K] (kept identical across K).
+    """
+    new_state, out = jax.vmap(lambda s, xi, yi: step(params, s, xi, yi, impl))(state, x, y)
+    avg = lambda a: jnp.broadcast_to(jnp.mean(a, axis=0, keepdims=True), a.shape)
+    layers = tuple(LayerState(h=avg(s.h), c=avg(s.c)) for s in new_state.layers)
+    return new_state.replace(layers=layers), out
+
+
+def _check_data(cfg: VSMLConfig, state: VSMLState, inputs, labels) -> None:
+    if inputs.ndim not in (2, 3):
+        raise ValueError(
+            f"unroll: inputs have shape {inputs.shape}; expected [T, {cfg.input_size}] "
+            f"(one episode) or [T, K, {cfg.input_size}] (K streams with averaged "
+            "states). For a batch of independent episodes use jax.vmap(unroll).")
+    if inputs.shape[-1] != cfg.input_size:
+        raise ValueError(
+            f"unroll: inputs have width {inputs.shape[-1]} but the config's first layer "
+            f"has {cfg.input_size} input neurons (layer_sizes={cfg.layer_sizes}); "
+            "reshape/pool the data or change layer_sizes[0].")
+    expected = inputs.shape[:-1] + (cfg.num_classes,)
+    if labels.shape != expected:
+        raise ValueError(
+            f"unroll: labels have shape {labels.shape}; expected one-hot labels of "
+            f"shape {expected} (layer_sizes[-1]={cfg.num_classes} classes).")
+    h0 = state.layers[0].h
+    want_lead = () if inputs.ndim == 2 else (inputs.shape[1],)
+    want = want_lead + (cfg.layer_sizes[0], cfg.layer_sizes[1], cfg.hidden_size)
+    if len(state.layers) != cfg.num_layers or h0.shape != want:
+        raise ValueError(
+            f"unroll: state does not match the config: first layer h has shape "
+            f"{h0.shape}, expected {want} for layer_sizes={cfg.layer_sizes}, "
+            f"hidden_size={cfg.hidden_size}. Create it with init_state(key, cfg)"
+            + ("" if inputs.ndim == 2 else
+               " and broadcast it to the K streams (see init_state_for_streams)") + ".")
+
+
+def unroll(params: VSMLParams, state: VSMLState,
+           data: Tuple[jax.Array, jax.Array], *, impl: str = "fast",
+           remat: bool = False, remat_chunk: Optional[int] = None
+           ) -> Tuple[VSMLState, StepOutput]:
+    """Runs an online episode through the VS Meta RNN.
+
+    Args:
+      params: V_M (with its config).
+      state: V_L from `init_state` (leaves [K, ...] for averaged streams).
+      data: (inputs [T, A0], labels one-hot [T, C]) for one stream, or
+        (inputs [T, K, A0], labels [T, K, C]) for K streams of one network whose
+        states are averaged after every step (the paper's batching).
+      impl: "fast" (the algebraically rewritten kernels) or "reference" (a
+        plain per-cell vmap, for tests and benchmarks).
+      remat: rematerialise each step in the backward pass (memory O(T x |V_L|)
+        carries instead of all residuals).
+      remat_chunk: two-level remat: store carries only every `remat_chunk`
+        steps (T must be a multiple); memory ~ (T / chunk + chunk) carries.
+    Returns:
+      (final state, StepOutput with leaves stacked over time: logits [T, (K,) C],
+      loss [T, (K)], correct [T, (K)]).
+    """
+    inputs, labels = data
+    cfg = params.cfg
+    _check_data(cfg, state, inputs, labels)
+    dtype = jnp.dtype(cfg.dtype)
+    inputs, labels = inputs.astype(dtype), labels.astype(dtype)
+    step_fn = _batch_averaged_step if inputs.ndim == 3 else step
+
+    def body(carry, xy):
+        return step_fn(params, carry, xy[0], xy[1], impl)
+
+    if remat or remat_chunk:
+        body = jax.checkpoint(body)
+    if not remat_chunk:
+        return jax.lax.scan(body, state, (inputs, labels))
+
+    T = inputs.shape[0]
+    if T % remat_chunk:
+        raise ValueError(f"unroll: remat_chunk={remat_chunk} must divide the episode "
+                         f"length T={T}.")
+    chunked = jax.tree_util.tree_map(
+        lambda a: a.reshape((T // remat_chunk, remat_chunk) + a.shape[1:]), (inputs, labels))
+
+    @jax.checkpoint
+    def chunk_body(carry, xy_chunk):
+        return jax.lax.scan(body, carry, xy_chunk)
+
+    state, out = jax.lax.scan(chunk_body, state, chunked)
+    return state, jax.tree_util.tree_map(lambda a: a.reshape((T,) + a.shape[2:]), out)
+
+
+def init_state_for_streams(state: VSMLState, num_streams: int) -> VSMLState:
+    """Broadcasts one V_L to K identical copies for a batch-averaged `unroll`."""
+    return jax.tree_util.tree_map(
+        lambda a: jnp.broadcast_to(a, (num_streams,) + a.shape), state)
+
+
+def meta_loss(params: VSMLParams, state: VSMLState, data, **unroll_kwargs) -> jax.Array:
+    """Mean online cross-entropy of an episode (the sec. 3.2 meta-objective)."""
+    _, out = unroll(params, state, data, **unroll_kwargs)
+    return jnp.mean(out.loss)
