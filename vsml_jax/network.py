@@ -151,14 +151,32 @@ def _check_data(cfg: VSMLConfig, state: VSMLState, inputs, labels) -> None:
         raise ValueError(
             f"unroll: labels have shape {labels.shape}; expected one-hot labels of "
             f"shape {expected} (layer_sizes[-1]={cfg.num_classes} classes).")
-    h0 = state.layers[0].h
-    want_lead = () if inputs.ndim == 2 else (inputs.shape[1],)
-    want = want_lead + (cfg.layer_sizes[0], cfg.layer_sizes[1], cfg.hidden_size)
-    if len(state.layers) != cfg.num_layers or h0.shape != want:
+    # Every leaf of V_L (all layers, h and c, error and label), not just the
+    # first layer: a mismatch further down otherwise surfaces as a shape or
+    # scan-carry TypeError deep inside the step.
+    lead = () if inputs.ndim == 2 else (inputs.shape[1],)
+    # canonicalize: float64 means float32 unless x64 is enabled, as in init_state.
+    sizes, H = cfg.layer_sizes, cfg.hidden_size
+    dtype = jax.dtypes.canonicalize_dtype(cfg.dtype)
+    H_c = H if cfg.cell == "lstm" else 0
+    want = {"error": lead + (cfg.num_classes,), "label": lead + (cfg.num_classes,)}
+    for l in range(cfg.num_layers):
+        want[f"layers[{l}].h"] = lead + (sizes[l], sizes[l + 1], H)
+        want[f"layers[{l}].c"] = lead + (sizes[l], sizes[l + 1], H_c)
+    got = {"error": state.error, "label": state.label}
+    for l, layer in enumerate(state.layers):
+        got[f"layers[{l}].h"], got[f"layers[{l}].c"] = layer.h, layer.c
+    problems = [f"{len(state.layers)} layers instead of {cfg.num_layers}"] if len(
+        state.layers) != cfg.num_layers else []
+    problems += [f"{k} has shape {got[k].shape}, expected {want[k]}"
+                 for k in want if k in got and got[k].shape != want[k]]
+    problems += [f"{k} has dtype {got[k].dtype}, expected {dtype}"
+                 for k in want if k in got and got[k].dtype != dtype]
+    if problems:
         raise ValueError(
-            f"unroll: state does not match the config: first layer h has shape "
-            f"{h0.shape}, expected {want} for layer_sizes={cfg.layer_sizes}, "
-            f"hidden_size={cfg.hidden_size}. Create it with init_state(key, cfg)"
+            "unroll: state does not match the config: " + "; ".join(problems[:3])
+            + f" (layer_sizes={sizes}, cell={cfg.cell!r}, hidden_size={H}, "
+            f"dtype={cfg.dtype!r}). Create it with init_state(key, cfg)"
             + ("" if inputs.ndim == 2 else
                " and broadcast it to the K streams (see init_state_for_streams)") + ".")
 

@@ -43,7 +43,9 @@ def _init_layer_state(key: jax.Array, cfg: VSMLConfig, A: int, B: int) -> LayerS
     n_random = int(round(cfg.init_random_fraction * H))
     # The random part seeds the emergent weights (like a random weight init);
     # it lives in the slow variable: c for an LSTM, h for a vanilla cell.
-    noise = cfg.init_std * jax.random.normal(key, (A, B, n_random), dtype)
+    # Drawn flat then reshaped (same numbers; the 1-D draw compiles faster).
+    noise = cfg.init_std * jax.random.normal(key, (A * B * n_random,), dtype)
+    noise = noise.reshape(A, B, n_random)
     slow = jnp.concatenate([noise, jnp.zeros((A, B, H - n_random), dtype)], axis=-1)
     if cfg.cell == "lstm":
         return LayerState(h=jnp.zeros((A, B, H), dtype), c=slow)
