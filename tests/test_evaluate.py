@@ -1,0 +1,202 @@
+"""Meta-test machinery: streams, metrics, learner files and the evaluate entry point."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+
+import vsml_jax
+from vsml_jax import evaluation
+from vsml_jax.baselines import meta_rnn, online_gd
+from vsml_jax.data import Dataset
+from vsml_jax.learners import vsml_learner
+from vsml_jax.pretrained import LearnerFileError, available, load_learner, save_learner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = vsml_jax.VSMLConfig(layer_sizes=(8, 3), hidden_size=4, msg_size=4, micro_ticks=1)
+
+
+def toy_dataset(n=40, d=8, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return Dataset(images=jnp.asarray(rng.standard_normal((n, d)), jnp.float32),
+                   labels=jnp.asarray(rng.integers(0, c, n), jnp.int32), num_classes=c,
+                   name="toy")
+
+
+def write_learner_files(directory, name, config, params, flags):
+    """The portable format, written by hand: flax bytes + JSON."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "params.msgpack"), "wb") as f:
+        f.write(serialization.to_bytes(params))
+    with open(os.path.join(directory, "learner.json"), "w") as f:
+        json.dump({"learner": name, "config": config, "flags": flags}, f)
+
+
+def test_metrics_by_hand():
+    correct = np.array([[1, 0, 1, 1], [0, 0, 0, 1]], np.float32)
+    loss = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 4.0]])
+    out = vsml_jax.StepOutput(logits=None, loss=loss, correct=correct)
+    np.testing.assert_allclose(evaluation.cumulative_accuracy(correct),
+                               [[1, .5, 2 / 3, .75], [0, 0, 0, .25]])
+    np.testing.assert_allclose(evaluation.window_accuracy(correct, window=2),
+                               [[1, .5, .5, 1], [0, 0, 0, .5]])
+    m = evaluation.online_metrics(out, checkpoints=(2, 100), window=2)
+    assert sorted(m) == ["cum_acc@2", "cum_acc@4", "final_window_acc", "mean_loss"]
+    np.testing.assert_allclose(m["cum_acc@2"], [.5, 0])
+    np.testing.assert_allclose(m["final_window_acc"], [1, .5])
+    np.testing.assert_allclose(m["mean_loss"], [2.5, 1.0])
+    s = evaluation.summarize(m)
+    assert s["cum_acc@4"] == {"mean": 0.5, "std": 0.25, "per_seed": [0.75, 0.25]}
+    # K examples per step: a step's accuracy is the fraction of its K correct.
+    np.testing.assert_allclose(evaluation.step_accuracy(np.ones((1, 3, 4)) * [1, 0, 0, 1]),
+                               [[.5, .5, .5]])
+
+
+def test_streams_are_seeded_and_shared():
+    data = toy_dataset()
+    a = evaluation.make_streams(data, [0, 1], 10)
+    b = evaluation.make_streams(data, [0, 1], 10)
+    c = evaluation.make_streams(data, [1, 5], 10)
+    np.testing.assert_array_equal(a.indices, b.indices)       # same flags, same streams
+    np.testing.assert_array_equal(a.indices[1], c.indices[0])  # a seed's stream is its own
+    assert not np.array_equal(a.indices[0], a.indices[1])
+    assert len(set(np.asarray(a.indices[0]).tolist())) == 10   # no repeats while T <= N
+    x, y = a.materialize()
+    assert x.shape == (2, 10, 8) and y.shape == (2, 10, 3)
+    np.testing.assert_array_equal(x[0, 3], data.images[a.indices[0, 3]])
+    assert int(jnp.argmax(y[1, 4])) == int(data.labels[a.indices[1, 4]])
+    wide = evaluation.make_streams(data, [0], 20, stream_batch=4)  # 80 > 40: with replacement
+    assert wide.indices.shape == (1, 20, 4)
+    assert wide.slice(2, 5)[0].shape == (1, 3, 4, 8)
+
+
+def test_evaluate_chunked_and_batch_averaged():
+    data, seeds = toy_dataset(), [3, 4]
+    streams = evaluation.make_streams(data, seeds, 6)
+    adam = online_gd.online_gd_learner(8, 3)
+    whole = evaluation.evaluate_learner(adam, None, streams, seeds)
+    lines = []
+    pieces = evaluation.evaluate_learner(adam, None, streams, seeds, chunk_size=3,
+                                         log=lines.append)
+    assert whole.logits.shape == (2, 6, 3)
+    # Running in pieces (carrying the state) changes nothing.
+    np.testing.assert_allclose(whole.logits, pieces.logits, rtol=1e-6, atol=1e-6)
+    assert len(lines) == 2 and "6/6 steps" in lines[-1]
+    # The same streams as arrays give the same result.
+    again = evaluation.evaluate_learner(adam, None, streams.materialize(), seeds)
+    np.testing.assert_array_equal(whole.logits, again.logits)
+
+    # K = 4 copies of a VS-ML learner with averaged states, or a minibatch of 4.
+    wide = evaluation.make_streams(data, seeds, 3, stream_batch=4)
+    vsml = vsml_learner(TINY)
+    res = evaluation.evaluate_method(vsml, vsml.init_params(jax.random.key(0)), wide, seeds,
+                                     stream_batch=4, checkpoints=(2,), window=2)
+    assert set(res.summary) == {"cum_acc@2", "cum_acc@3", "final_window_acc", "mean_loss"}
+    assert res.cum_acc.shape == (2, 3)
+    out = evaluation.evaluate_learner(adam, None, wide, seeds, stream_batch=4)
+    assert out.correct.shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="does not define batch-averaged streams"):
+        evaluation.evaluate_learner(meta_rnn.meta_rnn_learner(8, 3, 4), None, wide, seeds,
+                                    stream_batch=4)
+
+
+def test_learner_files_round_trip(tmp_path):
+    learner = vsml_learner(TINY)
+    params = learner.init_params(jax.random.key(1))
+    config = dict(vars(TINY), layer_sizes=list(TINY.layer_sizes))
+    write_learner_files(tmp_path / "vsml", "vsml", config, params, {"pool": 4})
+    loaded = load_learner(str(tmp_path / "vsml"))
+    assert loaded.learner.name == "vsml" and loaded.learner.config == TINY and loaded.pool == 4
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded.params)):
+        np.testing.assert_array_equal(a, b)
+    # VS-ML runs at another input size with the same V_M.
+    wide = load_learner(str(tmp_path / "vsml"), input_size=32)
+    assert wide.learner.config.layer_sizes == (32, 3) and wide.params.cfg.input_size == 32
+    np.testing.assert_array_equal(wide.params.cells.w_h, params.cells.w_h)
+
+    rnn = meta_rnn.meta_rnn_learner(8, 3, hidden_size=4)
+    rnn_params = rnn.init_params(jax.random.key(2))
+    save_learner(str(tmp_path / "rnn"), rnn, rnn_params, {"pool": 4})
+    back = load_learner(str(tmp_path / "rnn"))
+    assert back.learner.config == rnn.config
+    for key in rnn_params:
+        np.testing.assert_array_equal(back.params[key], rnn_params[key])
+    with pytest.raises(LearnerFileError, match="cannot run on 32"):
+        load_learner(str(tmp_path / "rnn"), input_size=32)
+
+    # Broken files give errors that name the problem.
+    write_learner_files(tmp_path / "bad", "vsml", dict(config, hidden_size=8), params, {})
+    with pytest.raises(LearnerFileError, match="do not match"):
+        load_learner(str(tmp_path / "bad"))
+    os.remove(tmp_path / "bad" / "params.msgpack")
+    with pytest.raises(LearnerFileError, match="lacks params.msgpack"):
+        load_learner(str(tmp_path / "bad"))
+    write_learner_files(tmp_path / "odd", "vsml", dict(config, colour="red"), params, {})
+    with pytest.raises(LearnerFileError, match="colour"):
+        load_learner(str(tmp_path / "odd"))
+
+
+def test_format_tag_matches_the_writer(tmp_path):
+    from vsml_jax import pretrained
+    from vsml_jax.training import checkpointing
+    assert pretrained.LEARNER_FORMAT == checkpointing.LEARNER_FORMAT
+    with open(tmp_path / "learner.json", "w") as f:
+        json.dump({"format": "other/9", "learner": "vsml", "config": {}}, f)
+    (tmp_path / "params.msgpack").write_bytes(b"")
+    with pytest.raises(LearnerFileError, match="other/9"):
+        load_learner(str(tmp_path))
+
+
+def test_unknown_pretrained_name_lists_the_available_ones():
+    with pytest.raises(LearnerFileError) as e:
+        load_learner("pretrained:doesnotexist")
+    msg = str(e.value)
+    assert "doesnotexist" in msg and "available:" in msg
+    for name in available():
+        assert name in msg
+
+
+def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
+    cfg = vsml_jax.VSMLConfig(layer_sizes=(49, 10), hidden_size=4, msg_size=4, micro_ticks=1)
+    learner = vsml_learner(cfg)
+    save_learner(str(tmp_path / "ckpt"), learner, learner.init_params(jax.random.key(0)),
+                 {"pool": 4})
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "experiments.evaluate", f"--checkpoint={tmp_path / 'ckpt'}",
+           "--datasets=mnist,fashion_mnist", "--episode_length=50", "--seeds=2",
+           "--baselines=adam", "--lrs=1e-3,1e-2", "--sweep_seeds=2", "--chunk_size=25",
+           f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== mnist" in proc.stdout and "adam" in proc.stdout
+
+    summary = json.loads((out_dir / "summary.json").read_text())
+    settings = summary["settings"]
+    assert settings["episode_length"] == 50 and settings["seeds"] == [0, 1]
+    assert settings["pool"] == 4 and settings["input_size"] == 49
+    assert not set(settings["lr_sweep"]["seeds"]) & set(settings["seeds"])
+    curves = np.load(out_dir / "curves.npz")
+    for dataset in ("mnist", "fashion_mnist"):
+        res = summary["results"][dataset]
+        assert set(res) == {"vsml", "adam"}
+        for method, r in res.items():
+            assert set(r["metrics"]) == {"cum_acc@50", "final_window_acc", "mean_loss"}
+            for v in r["metrics"].values():
+                assert set(v) == {"mean", "std", "per_seed"} and len(v["per_seed"]) == 2
+            # The JSON agrees with the stored curves.
+            cum = curves[f"{dataset}/{method}/cum_acc"]
+            assert cum.shape == (2, 50)
+            assert r["metrics"]["cum_acc@50"]["mean"] == pytest.approx(cum[:, -1].mean(),
+                                                                      abs=1e-6)
+            assert r["counts"]["learned_variables"] > 0
+        assert res["vsml"]["counts"]["meta_variables"] == vsml_jax.count_meta_variables(cfg)
+        assert res["vsml"]["config"]["layer_sizes"] == [49, 10]
+        assert res["adam"]["lr"] in (1e-3, 1e-2)
+        assert [row["lr"] for row in res["adam"]["lr_sweep"]] == [1e-3, 1e-2]
+    for png in ("fig6.png", "window_accuracy.png"):
+        assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,177 @@
+"""Meta-optimisers (Adam, CMA-ES, OpenAI-ES), population sharding, the entry point."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import vsml_jax
+from vsml_jax.data import Dataset
+from vsml_jax.learners import vsml_learner
+from vsml_jax.meta import evolution, gradient, sharding
+from vsml_jax.meta.objective import EpisodeSpec, episodes_loss, sample_batch
+from vsml_jax.training import checkpointing, loop
+
+CFG = vsml_jax.VSMLConfig(layer_sizes=(6, 3), hidden_size=4, msg_size=2, micro_ticks=1,
+                          readout_scale=5.0)
+SPEC = EpisodeSpec(length=10, batch=4)
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    """3 Gaussian clusters in 6-D: with permuted labels, learnable only online.
+
+    Built with numpy: no JAX compilation needed for the test data.
+    """
+    rng = np.random.default_rng(0)
+    protos = 2.0 * rng.normal(size=(3, 6))
+    labels = rng.integers(0, 3, size=90)
+    images = protos[labels] + 0.3 * rng.normal(size=(90, 6))
+    return Dataset(images=jnp.asarray(images, jnp.float32),
+                   labels=jnp.asarray(labels, jnp.int32), num_classes=3, name="clusters")
+
+
+@pytest.fixture(scope="module")
+def fixed_eval(clusters):
+    """Meta-loss of params on one fixed batch of 16 episodes (keys unused in training)."""
+    learner = vsml_learner(CFG)
+    episodes = sample_batch(jax.random.PRNGKey(777), clusters, EpisodeSpec(10, 16))
+    loss = jax.jit(lambda p: episodes_loss(learner, p, jax.random.PRNGKey(778),
+                                           episodes)[0])
+    return lambda p: float(loss(p))
+
+
+@pytest.fixture(scope="module")
+def adam_run(clusters):
+    """init_fn and jitted step_fn of BPTT+Adam (with remat), shared by the tests."""
+    learner = vsml_learner(CFG, remat=True)
+    optimizer = gradient.make_optimizer("adam", 3e-2, 1.0)
+    return (gradient.make_init_fn(learner, optimizer, seed=0),
+            gradient.make_step_fn(learner, optimizer, clusters, SPEC))
+
+
+def test_adam_lowers_meta_loss(adam_run, fixed_eval):
+    init_fn, step_fn = adam_run
+    state = init_fn()
+    before = fixed_eval(state.params)
+    for _ in range(40):
+        state, metrics = step_fn(state)
+    after = fixed_eval(state.params)
+    assert int(state.step) == 40 and np.isfinite(float(metrics["grad_norm"]))
+    assert after < before - 0.1, (before, after)
+
+
+def _run(workdir, adam_run, num_steps):
+    init_fn, step_fn = adam_run
+    # Any function of the state serves as a (cheap) evaluation for the loop.
+    eval_fn = lambda state: {"eval/norm": {"param_norm": optax.tree.norm(state.params)}}
+    return loop.run(str(workdir), init_fn, step_fn, num_steps,
+                    config_dict={"lr": 3e-2, "num_steps": num_steps},
+                    checkpoint_every=2, log_every=2, eval_fn=eval_fn, eval_every=3)
+
+
+def test_resume_is_bit_identical(tmp_path, adam_run):
+    straight = _run(tmp_path / "a", adam_run, 8)
+    _run(tmp_path / "b", adam_run, 5)  # "interrupted" after step 5
+    # Progress after the last periodic checkpoint is lost, as after a crash:
+    # drop step 5's (final) checkpoint so the resume starts from step 4.
+    mgr = checkpointing.make_manager(str(tmp_path / "b" / loop.CHECKPOINT_DIR))
+    assert checkpointing.latest_step(mgr) == 5
+    mgr.delete(5)
+    mgr.close()
+    resumed = _run(tmp_path / "b", adam_run, 8)
+
+    for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ma, mb = loop.read_metrics(tmp_path / "a"), loop.read_metrics(tmp_path / "b")
+    assert ma == mb
+    assert [r["step"] for r in ma if r["split"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in ma if r["split"] == "eval/norm"] == [3, 6, 8]
+    assert set(ma[3]) == {"step", "split", "param_norm"}
+
+
+@pytest.mark.parametrize("name,kwargs", [("cma_es", {}), ("open_es", {"es_lr": 0.05})])
+def test_evolution_lowers_meta_loss(name, kwargs, clusters, fixed_eval):
+    learner = vsml_learner(CFG)
+    init = learner.init_params(jax.random.PRNGKey(0))
+    strategy, es_params = evolution.make_strategy(name, 8, init, sigma_init=0.1, **kwargs)
+    state = evolution.make_init_fn(learner, strategy, es_params, seed=0,
+                                   init_params=init)()
+    step_fn = evolution.make_step_fn(learner, strategy, es_params, clusters, SPEC)
+    before = fixed_eval(evolution.mean_params(strategy, state))
+    for _ in range(20):
+        state, metrics = step_fn(state)
+    after = fixed_eval(evolution.mean_params(strategy, state))
+    assert before == pytest.approx(fixed_eval(init))  # the search starts at init
+    assert after < before - 0.1, (name, before, after)
+    assert float(metrics["best_loss"]) <= float(metrics["pop_loss"])
+
+
+def test_sharded_population_fitness_equals_unsharded(clusters):
+    assert jax.device_count() == 8, "conftest should provide 8 CPU devices"
+    learner = vsml_learner(CFG)
+    init = learner.init_params(jax.random.PRNGKey(0))
+    strategy, es_params = evolution.make_strategy("open_es", 16, init, sigma_init=0.1)
+    s = strategy.init(jax.random.PRNGKey(1), init, es_params)
+    population, _ = strategy.ask(jax.random.PRNGKey(2), s, es_params)
+    inputs, labels = sample_batch(jax.random.PRNGKey(3), clusters, SPEC)
+    key = jax.random.PRNGKey(4)
+
+    fn = lambda pop, k, x, y: evolution.population_fitness(learner, pop, k, (x, y))
+    plain = jax.jit(fn)(population, key, inputs, labels)
+    mesh = sharding.population_mesh()
+    sharded_fn = jax.jit(sharding.shard_population(fn, mesh))
+    sharded = sharded_fn(population, key, inputs, labels)
+    assert len(sharded[0].sharding.device_set) == 8
+    # Each member runs the same program; only XLA's fusion for a different
+    # vmap width may round differently (observed: <= 2 ulp), hence rtol 1e-6.
+    np.testing.assert_allclose(np.asarray(sharded[0]), np.asarray(plain[0]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(plain[1]), np.asarray(sharded[1]))
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        sharding.check_population_size(12, mesh)
+
+
+def test_unknown_strategy_is_a_clear_error():
+    with pytest.raises(ValueError, match="cma_es"):
+        evolution.strategy_class("cmaes_typo")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _meta_train(*args, devices=1):
+    """Runs `python -m experiments.meta_train` in a fresh process (own absl flags)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "experiments.meta_train", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_bad_flag_values_are_rejected(tmp_path):
+    result = _meta_train(f"--workdir={tmp_path}", "--popsize=0")
+    assert result.returncode != 0
+    assert "--popsize must be >= 1" in result.stderr
+    assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_entry_point_writes_portable_learner(tmp_path):
+    workdir = str(tmp_path / "run")
+    result = _meta_train(
+        f"--workdir={workdir}", "--dataset=synthetic", "--pool=4", "--synthetic_size=40",
+        "--hidden_size=2", "--msg_size=2", "--micro_ticks=1", "--episode_length=5",
+        "--batch_size=2", "--meta_optimizer=open_es", "--popsize=8", "--num_steps=2",
+        "--checkpoint_every=1", "--log_every=1", devices=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    params, cfg, info = checkpointing.load_vsml_learner(workdir)
+    assert cfg.layer_sizes == (49, 10) and cfg.hidden_size == 2
+    assert info["meta_training"]["steps"] == 2
+    assert info["meta_training"]["meta_optimizer"] == "open_es"
+    assert np.isfinite(info["meta_training"]["final_meta_loss"])
+    assert info["flags"]["popsize"] == 8 and info["input"]["pool"] == 4
+    assert json.load(open(os.path.join(workdir, "config.json")))["dataset"] == "synthetic"
+    assert [r["step"] for r in loop.read_metrics(workdir)] == [1, 2]

@@ -1,0 +1,298 @@
+"""Meta-testing: run learners on identical online streams and measure how they learn.
+
+A stream is a sequence of T test examples in random order (no label
+permutation at meta-test). Seed s gives the same stream to every method, and
+the learner's initial state is drawn from the same seed, so methods differ
+only in how they learn:
+
+    streams = make_streams(dataset, seeds, length)        # indices [S, T] into dataset
+    out = evaluate_learner(learner, params, streams, seeds)  # StepOutput [S, T, ...]
+    per_seed = online_metrics(out)                        # {"cum_acc@100": [S], ...}
+    summary = summarize(per_seed)                         # {"cum_acc@100": {"mean", "std"}}
+
+With `stream_batch=K` every step feeds K examples ([S, T, K, D]): K copies of
+a VS-ML learner whose states are averaged after every step (the paper's
+batching), or a minibatch of K for online gradient descent.
+
+Metrics (per seed, then mean and std over seeds):
+  cum_acc@n        cumulative online accuracy: the fraction of correct
+                   predictions among the first n steps (the fig. 6 y axis)
+  final_window_acc accuracy over the last `window` steps
+  mean_loss        mean online cross-entropy over the stream
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsml_jax.baselines import meta_rnn, online_gd
+from vsml_jax.config import VSMLConfig
+from vsml_jax.data import Dataset
+from vsml_jax.learners import Learner
+from vsml_jax.network import StepOutput, init_state_for_streams
+from vsml_jax.params import count_meta_variables
+from vsml_jax.state import VSMLState, count_learned_variables
+
+DEFAULT_CHECKPOINTS = (100, 500, 1000, 2000)
+DEFAULT_WINDOW = 100
+
+Streams = Any  # IndexedStreams or (inputs [S, T, (K,) D], labels [S, T, (K,) C])
+
+
+# ------------------------------------------------------------------ keys
+def init_key(seed) -> jax.Array:
+    """Key of seed s's initial learner state (shared by every method)."""
+    return jax.random.fold_in(jax.random.key(seed), 1)
+
+
+# --------------------------------------------------------------- streams
+@dataclasses.dataclass(frozen=True)
+class IndexedStreams:
+    """S streams of T steps (K examples each if stream_batch) as indices into a
+    dataset, gathered a piece at a time so long or wide streams stay small.
+
+    Attributes:
+      data: the dataset (images [N, D], labels [N]).
+      indices: numpy int32 [S, T] or [S, T, K].
+    """
+    data: Dataset
+    indices: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return self.indices.shape[1]
+
+    def slice(self, start: int, stop: int) -> Tuple[jax.Array, jax.Array]:
+        """(inputs [S, stop-start, (K,) D], one-hot labels [S, stop-start, (K,) C])."""
+        return _gather(self.data, self.indices[:, start:stop])
+
+    def materialize(self) -> Tuple[jax.Array, jax.Array]:
+        """All inputs and labels at once."""
+        return self.slice(0, self.num_steps)
+
+
+@jax.jit
+def _gather(data: Dataset, idx: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    return data.images[idx], jax.nn.one_hot(data.labels[idx], data.num_classes,
+                                            dtype=jnp.float32)
+
+
+def stream_indices(seed: int, num_examples: int, count: int) -> np.ndarray:
+    """[count] example indices in random order for seed `seed`: without
+    replacement while count <= num_examples, uniformly with replacement beyond.
+
+    Drawn with numpy from SeedSequence((seed, 0)): a stream is fixed data, not
+    part of any computation, so it needs no compiled program.
+    """
+    rng = np.random.default_rng((int(seed), 0))
+    if count <= num_examples:
+        return rng.permutation(num_examples)[:count].astype(np.int32)
+    return rng.integers(0, num_examples, count).astype(np.int32)
+
+
+def make_streams(data: Dataset, seeds: Sequence[int], length: int,
+                 stream_batch: int = 0) -> IndexedStreams:
+    """One random stream per seed, no label permutation.
+
+    Args:
+      data: images [N, D], labels [N].
+      seeds: S non-negative integers (seed s always gives the same stream of `data`).
+      length: T steps.
+      stream_batch: K > 0 feeds K examples per step.
+    Returns:
+      IndexedStreams with indices [S, T] (or [S, T, K]); `.materialize()` gives
+      inputs [S, T, (K,) D] and one-hot labels [S, T, (K,) C].
+    """
+    if length < 1:
+        raise ValueError(f"length={length} must be >= 1.")
+    if not len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds={list(seeds)}: give at least one seed, all >= 0.")
+    k = max(stream_batch, 1)
+    idx = np.stack([stream_indices(s, data.num_examples, length * k) for s in seeds])
+    if stream_batch:
+        idx = idx.reshape(len(seeds), length, k)
+    return IndexedStreams(data=data, indices=idx)
+
+
+def init_states(learner: Learner, seeds: Sequence[int], stream_batch: int = 0) -> Any:
+    """Initial states [S, ...] (with K streams per step: VS-ML states [S, K, ...])."""
+    states = _init_states(learner.init_state, jnp.asarray(seeds))
+    if not stream_batch:
+        return states
+    if isinstance(states, VSMLState):
+        return jax.vmap(lambda s: init_state_for_streams(s, stream_batch))(states)
+    if getattr(learner.config, "native_minibatch", False):
+        return states  # one network, K examples per step: no extra axis
+    raise ValueError(f"learner {learner.name!r} does not define batch-averaged streams "
+                     f"(stream_batch={stream_batch}); use stream_batch=0 for it.")
+
+
+def _init_states(init_state: Callable, seeds: jax.Array) -> Any:
+    # Not jitted as a whole: run eagerly, its primitives (e.g. random.normal)
+    # hit compilation caches shared by every learner with the same shapes.
+    return jax.vmap(lambda s: init_state(init_key(s)))(seeds)
+
+
+# ------------------------------------------------------------- running
+@functools.lru_cache(maxsize=64)
+def _runner(unroll: Callable) -> Callable:
+    """jit(vmap over seeds) of an unroll function, cached per function object."""
+    return jax.jit(jax.vmap(unroll, in_axes=(None, 0, 0)))
+
+
+def evaluate_learner(learner: Learner, params: Any, streams: Streams, seeds: Sequence[int],
+                     *, stream_batch: int = 0, chunk_size: Optional[int] = None,
+                     log: Optional[Callable[[str], None]] = None) -> StepOutput:
+    """Runs `learner` on every stream, all seeds at once (jit + vmap).
+
+    Args:
+      learner: any Learner.
+      params: its meta variables (shared by all streams).
+      streams: `IndexedStreams` from `make_streams`, or arrays (inputs
+        [S, T, (K,) D], one-hot labels [S, T, (K,) C]).
+      seeds: the S seeds of the streams (they also seed the initial states).
+      stream_batch: K if the streams carry K examples per step, else 0.
+      chunk_size: run T in pieces of this many steps (carrying the state), so
+        long streams report progress through `log`; the result is identical.
+      log: called with a progress line after each piece (if T > chunk_size).
+    Returns:
+      StepOutput as numpy arrays: logits [S, T, (K,) C], loss [S, T, (K)],
+      correct [S, T, (K)].
+    """
+    if isinstance(streams, IndexedStreams):
+        get, lead = streams.slice, streams.indices.shape
+        expected_ndim = 3 if stream_batch else 2
+    else:
+        inputs, labels = streams
+        get = lambda a, b: (inputs[:, a:b], labels[:, a:b])
+        lead, expected_ndim = inputs.shape, 4 if stream_batch else 3
+    if lead[0] != len(seeds):
+        raise ValueError(f"{lead[0]} streams but {len(seeds)} seeds; give one "
+                         "seed per stream.")
+    if len(lead) != expected_ndim:
+        raise ValueError(f"streams have shape {tuple(lead)}; with stream_batch="
+                         f"{stream_batch} expected [S, T{', K' if stream_batch else ''}"
+                         f"{'' if isinstance(streams, IndexedStreams) else ', D'}] "
+                         "(see make_streams).")
+    state = init_states(learner, seeds, stream_batch)
+    run = _runner(learner.unroll)
+    T = lead[1]
+    chunk = T if not chunk_size else min(chunk_size, T)
+    outs, t0 = [], time.perf_counter()
+    for start in range(0, T, chunk):
+        stop = min(start + chunk, T)
+        state, out = run(params, state, get(start, stop))
+        outs.append(jax.device_get(out))
+        if log is not None and chunk < T:
+            elapsed = time.perf_counter() - t0
+            so_far = np.mean(np.concatenate([o.correct for o in outs], axis=1))
+            log(f"{learner.name}: {stop}/{T} steps x {len(seeds)} seeds, {elapsed:.1f} s, "
+                f"online accuracy so far {so_far:.3f}")
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=1), *outs)
+
+
+# --------------------------------------------------------------- metrics
+def step_accuracy(correct: np.ndarray) -> np.ndarray:
+    """[S, T] fraction correct per step (averaging K examples if present)."""
+    correct = np.asarray(correct, np.float64)
+    return correct.mean(axis=-1) if correct.ndim == 3 else correct
+
+
+def cumulative_accuracy(correct: np.ndarray) -> np.ndarray:
+    """[S, T]: entry n-1 is the accuracy over the first n steps."""
+    acc = step_accuracy(correct)
+    return np.cumsum(acc, axis=1) / np.arange(1, acc.shape[1] + 1)
+
+
+def window_accuracy(correct: np.ndarray, window: int = DEFAULT_WINDOW) -> np.ndarray:
+    """[S, T]: accuracy over the last min(t + 1, window) steps."""
+    acc = step_accuracy(correct)
+    c = np.concatenate([np.zeros((acc.shape[0], 1)), np.cumsum(acc, axis=1)], axis=1)
+    t = np.arange(1, acc.shape[1] + 1)
+    lo = np.maximum(t - window, 0)
+    return (c[:, t] - c[:, lo]) / (t - lo)
+
+
+def online_metrics(out: StepOutput, checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS,
+                   window: int = DEFAULT_WINDOW) -> Dict[str, np.ndarray]:
+    """Per-seed metrics [S]: cum_acc@n for n in checkpoints within [1, T] and at
+    n = T, final_window_acc (last `window` steps) and mean_loss."""
+    cum = cumulative_accuracy(out.correct)
+    T = cum.shape[1]
+    ns = sorted({n for n in checkpoints if 1 <= n <= T} | {T})
+    metrics = {f"cum_acc@{n}": cum[:, n - 1] for n in ns}
+    metrics["final_window_acc"] = step_accuracy(out.correct)[:, -window:].mean(axis=1)
+    loss = np.asarray(out.loss, np.float64)
+    metrics["mean_loss"] = loss.reshape(loss.shape[0], -1).mean(axis=1)
+    return metrics
+
+
+def summarize(per_seed: Dict[str, np.ndarray]) -> Dict[str, Dict[str, Any]]:
+    """{metric: {"mean", "std" (over seeds, ddof=0), "per_seed"}}."""
+    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v)),
+                "per_seed": [float(x) for x in v]} for k, v in per_seed.items()}
+
+
+@dataclasses.dataclass
+class MethodResult:
+    """Everything measured for one method on one dataset.
+
+    summary: from `summarize`; cum_acc, win_acc: [S, T] curves.
+    """
+    summary: Dict[str, Dict[str, Any]]
+    cum_acc: np.ndarray
+    win_acc: np.ndarray
+
+
+def evaluate_method(learner: Learner, params: Any, streams: Streams, seeds: Sequence[int],
+                    *, stream_batch: int = 0, checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS,
+                    window: int = DEFAULT_WINDOW, chunk_size: Optional[int] = None,
+                    log: Optional[Callable[[str], None]] = None) -> MethodResult:
+    """`evaluate_learner` followed by the metrics and curves."""
+    out = evaluate_learner(learner, params, streams, seeds, stream_batch=stream_batch,
+                           chunk_size=chunk_size, log=log)
+    return MethodResult(summary=summarize(online_metrics(out, checkpoints, window)),
+                        cum_acc=cumulative_accuracy(out.correct),
+                        win_acc=window_accuracy(out.correct, window))
+
+
+# ----------------------------------------------------------- bookkeeping
+def _tree_size(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def count_variables(learner: Learner, params: Any) -> Dict[str, int]:
+    """{"meta_variables": |V_M|, "learned_variables": |V_L|, "state_size"}.
+
+    learned_variables counts what plays the role of weights: VS-ML's cell
+    states, an online-GD network's weights and biases, a Meta RNN's c and h;
+    state_size counts every number in the learner's state (e.g. also Adam's
+    moments).
+    """
+    state_shape = jax.eval_shape(learner.init_state, jax.random.key(0))
+    cfg = learner.config
+    counts = {"meta_variables": _tree_size(params), "state_size": _tree_size(state_shape)}
+    if isinstance(cfg, VSMLConfig):
+        counts["meta_variables"] = count_meta_variables(cfg)
+        counts["learned_variables"] = count_learned_variables(cfg)
+    elif isinstance(cfg, online_gd.OnlineGDConfig):
+        counts["learned_variables"] = online_gd.count_network_params(cfg)
+    elif isinstance(cfg, meta_rnn.MetaRNNConfig):
+        counts["learned_variables"] = meta_rnn.count_learned_variables(cfg)
+    else:
+        counts["learned_variables"] = counts["state_size"]
+    return counts
+
+
+def config_dict(cfg: Any) -> Any:
+    """A JSON-ready view of a learner config (dataclass fields, else repr)."""
+    if dataclasses.is_dataclass(cfg):
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(cfg).items()}
+    return None if cfg is None else repr(cfg)

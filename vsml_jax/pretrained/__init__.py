@@ -1,0 +1,225 @@
+"""Portable learners: save and load meta-trained meta variables.
+
+A learner is stored as two files (what `experiments.meta_train` writes into
+its workdir, and what ships in this package as NAME.msgpack + NAME.json):
+
+    params.msgpack   flax.serialization.to_bytes(params)
+    learner.json     {"format": "vsml_jax.learner/1",
+                      "learner": "vsml" | "meta_rnn" | "hebbian",
+                      "config": {fields of the learner's config dataclass},
+                      "flags": {how it was trained, e.g. "pool": 4, ...},
+                      "input": {"pool": 4, ...}, ...}
+
+(`vsml_jax.training.checkpointing` writes this format; `save_learner` here
+uses it.)
+
+`load_learner(spec)` accepts such a directory or "pretrained:NAME" (files
+shipped in this package) and rebuilds the Learner: the config from the JSON,
+a params template from the learner's `init_params`, then
+`flax.serialization.from_bytes`. Because VS-ML's meta variables do not depend
+on the layer widths, a VS-ML learner can be loaded with another input size
+(`input_size=784` for one trained on 7x7-pooled images).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import jax
+import numpy as np
+from flax import serialization
+
+from vsml_jax.baselines import hebbian, meta_rnn
+from vsml_jax.config import VSMLConfig
+from vsml_jax.learners import Learner, vsml_learner
+
+PREFIX = "pretrained:"
+# The format tag vsml_jax.training.checkpointing writes (kept here as a string
+# so that loading a learner does not import orbax; a test checks they agree).
+LEARNER_FORMAT = "vsml_jax.learner/1"
+PARAMS_FILE = "params.msgpack"
+LEARNER_FILE = "learner.json"
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+IMAGE_SIDE = 28  # MNIST / Fashion-MNIST images are 28 x 28
+
+# learner name -> (config class, config -> Learner)
+LEARNER_TYPES: Dict[str, Tuple[type, Callable[[Any], Learner]]] = {
+    "vsml": (VSMLConfig, vsml_learner),
+    "meta_rnn": (meta_rnn.MetaRNNConfig, meta_rnn.learner_from_config),
+    "hebbian": (hebbian.HebbianConfig, hebbian.learner_from_config),
+}
+
+
+class LearnerFileError(ValueError):
+    """A learner checkpoint is missing, unknown or does not match its config."""
+
+
+@dataclasses.dataclass
+class LoadedLearner:
+    """A learner ready to run.
+
+    Attributes:
+      learner: the Learner (config possibly with an overridden input size).
+      params: its meta variables.
+      info: the parsed learner.json.
+      source: where it came from (directory or "pretrained:NAME").
+      pool: the image pooling it was trained with (flags["pool"], else
+        inferred from its input size), None if unknown.
+    """
+    learner: Learner
+    params: Any
+    info: Dict[str, Any]
+    source: str
+    pool: Optional[int]
+
+
+def available() -> List[str]:
+    """Names usable as "pretrained:NAME" (a NAME.msgpack with a NAME.json here)."""
+    names = []
+    for fn in sorted(os.listdir(PACKAGE_DIR)):
+        stem, ext = os.path.splitext(fn)
+        if ext == ".json" and os.path.isfile(os.path.join(PACKAGE_DIR, stem + ".msgpack")):
+            names.append(stem)
+    return names
+
+
+def resolve(spec: str) -> Tuple[str, str]:
+    """(params path, json path) for a directory or "pretrained:NAME"."""
+    if spec.startswith(PREFIX):
+        name = spec[len(PREFIX):]
+        names = available()
+        if name not in names:
+            listed = ", ".join(names) if names else "none are installed"
+            raise LearnerFileError(
+                f"unknown pretrained learner {name!r}; available: {listed}. Use "
+                f"pretrained:NAME with one of those, or pass a directory written by "
+                f"experiments.meta_train (holding {PARAMS_FILE} and {LEARNER_FILE}).")
+        return (os.path.join(PACKAGE_DIR, name + ".msgpack"),
+                os.path.join(PACKAGE_DIR, name + ".json"))
+    if not os.path.isdir(spec):
+        raise LearnerFileError(
+            f"checkpoint {spec!r} is not a directory. Pass the workdir of "
+            f"experiments.meta_train (with {PARAMS_FILE} and {LEARNER_FILE}) or "
+            f"pretrained:NAME (available: {', '.join(available()) or 'none'}).")
+    paths = (os.path.join(spec, PARAMS_FILE), os.path.join(spec, LEARNER_FILE))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise LearnerFileError(
+            f"checkpoint directory {spec!r} lacks {', '.join(map(os.path.basename, missing))};"
+            " a portable learner needs both files (experiments.meta_train writes them "
+            "at the end of a run).")
+    return paths
+
+
+def infer_pool(input_size: int) -> Optional[int]:
+    """The pooling p with (28 / p)^2 == input_size, or None if there is none."""
+    side = math.isqrt(input_size)
+    if side * side != input_size or side == 0 or IMAGE_SIDE % side:
+        return None
+    return IMAGE_SIDE // side
+
+
+def config_from_info(info: Dict[str, Any], where: str) -> Tuple[str, Any]:
+    """(learner name, config object) from a parsed learner.json."""
+    name = info.get("learner", info.get("name"))
+    if name not in LEARNER_TYPES:
+        raise LearnerFileError(f"{where}: learner {name!r} is unknown; known learners: "
+                               f"{', '.join(LEARNER_TYPES)} (key \"learner\").")
+    cls, _ = LEARNER_TYPES[name]
+    fields = info.get("config")
+    if not isinstance(fields, dict):
+        raise LearnerFileError(f"{where}: no \"config\" object with the fields of "
+                               f"{cls.__name__}.")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise LearnerFileError(f"{where}: config fields {unknown} are not fields of "
+                               f"{cls.__name__} (written by another version of vsml_jax?).")
+    try:
+        return name, cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise LearnerFileError(f"{where}: invalid {cls.__name__}: {e}") from e
+
+
+def load_learner(spec: str, input_size: Optional[int] = None) -> LoadedLearner:
+    """Loads a learner from a meta_train workdir or "pretrained:NAME".
+
+    Args:
+      spec: directory or "pretrained:NAME".
+      input_size: run the learner on this many inputs. Allowed for VS-ML (it
+        replaces layer_sizes[0]; V_M does not depend on it); for other learners
+        it must equal the trained input size.
+    Returns:
+      LoadedLearner.
+    """
+    params_path, json_path = resolve(spec)
+    try:
+        with open(json_path) as f:
+            info = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LearnerFileError(f"{json_path}: not valid JSON ({e}).") from e
+    if info.get("format", LEARNER_FORMAT) != LEARNER_FORMAT:
+        raise LearnerFileError(f"{json_path} has format {info.get('format')!r}; this "
+                               f"version of vsml_jax reads {LEARNER_FORMAT!r}.")
+    name, cfg = config_from_info(info, json_path)
+    trained_inputs = cfg.input_size
+    pool = (info.get("input") or {}).get("pool", (info.get("flags") or {}).get("pool"))
+    pool = int(pool) if pool is not None else infer_pool(trained_inputs)
+    if input_size is not None and input_size != trained_inputs:
+        if name != "vsml":
+            raise LearnerFileError(
+                f"{spec}: the {name} learner was trained on {trained_inputs} inputs and "
+                f"cannot run on {input_size}; use the pooling it was trained with "
+                f"(pool={pool}).")
+        cfg = cfg.replace(layer_sizes=(int(input_size),) + cfg.layer_sizes[1:])
+    learner = LEARNER_TYPES[name][1](cfg)
+    # Only the structure and shapes matter to from_bytes: no random numbers needed.
+    template = jax.tree_util.tree_map(
+        lambda a: np.zeros(a.shape, a.dtype),
+        jax.eval_shape(learner.init_params, jax.random.key(0)))
+    with open(params_path, "rb") as f:
+        raw = f.read()
+    try:
+        params = serialization.from_bytes(template, raw)
+    except Exception as e:  # flax raises ValueError/KeyError/msgpack errors
+        raise LearnerFileError(
+            f"{params_path}: the stored parameters do not match the {name} config in "
+            f"{json_path} ({type(e).__name__}: {e}).") from e
+    _check_shapes(template, params, f"{params_path}: the stored parameters do not match "
+                                    f"the {name} config in {json_path}")
+    return LoadedLearner(learner=learner, params=params, info=info, source=spec, pool=pool)
+
+
+def _check_shapes(template: Any, params: Any, problem: str) -> None:
+    # from_bytes restores whatever shapes were stored: compare them explicitly.
+    want = [tuple(a.shape) for a in jax.tree_util.tree_leaves(template)]
+    got = [tuple(np.shape(a)) for a in jax.tree_util.tree_leaves(params)]
+    if want != got:
+        raise LearnerFileError(f"{problem} (stored shapes {got}, the config implies "
+                               f"{want}).")
+
+
+def save_learner(directory: str, learner: Learner, params: Any,
+                 flags: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
+    """Writes directory/params.msgpack + learner.json (what `load_learner` reads).
+
+    Args:
+      directory: created if missing.
+      learner: a learner of a kind in LEARNER_TYPES (its config is stored).
+      params: its meta variables.
+      flags: how it was made (e.g. {"pool": 4}), stored under "flags".
+    Returns:
+      The two paths.
+    """
+    from vsml_jax.training import checkpointing  # imports orbax: only when saving
+
+    if learner.name not in LEARNER_TYPES or not dataclasses.is_dataclass(learner.config):
+        raise LearnerFileError(f"cannot save learner {learner.name!r}: known learners are "
+                               f"{', '.join(LEARNER_TYPES)}.")
+    config = {k: (list(v) if isinstance(v, tuple) else v)
+              for k, v in dataclasses.asdict(learner.config).items()}
+    return checkpointing.save_learner_dir(directory, params, config,
+                                          {"flags": dict(flags or {})}, learner=learner.name)

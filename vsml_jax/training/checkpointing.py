@@ -1,0 +1,193 @@
+"""Checkpoints: orbax for training runs, msgpack + JSON for portable learners.
+
+Training checkpoints hold the whole train state (params, optimiser or strategy
+state, PRNG key, step) so that a resumed run continues exactly where it
+stopped. They are written by an orbax `CheckpointManager` (atomic: a step
+directory appears only once complete; old steps pruned to `max_to_keep`).
+
+A *portable learner* is the small pair of files a user loads to run a
+meta-trained learner without the training code's state, named either by a
+prefix or (as written at the end of a meta-training run) by a folder:
+
+    <prefix>.msgpack  or  <dir>/params.msgpack   flax.serialization.to_bytes(params)
+    <prefix>.json     or  <dir>/learner.json     {"format", "learner", "config", ...extra}
+
+For VS-ML, "config" holds the `VSMLConfig` fields, which is enough to rebuild
+the params structure (see `load_vsml_learner`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import serialization
+
+LEARNER_FORMAT = "vsml_jax.learner/1"
+
+
+# ------------------------------------------------------------ train states
+@contextlib.contextmanager
+def _quiet():
+    """Orbax logs every save in detail at INFO; keep the run's log readable."""
+    level = logging.get_verbosity()  # absl: larger = more verbose (INFO 0, WARNING -1)
+    logging.set_verbosity(min(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def make_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    """A synchronous orbax CheckpointManager over `directory` (created if missing).
+
+    Saves are synchronous so that a checkpoint is complete on disk when `save`
+    returns: a crash right after cannot leave a half-written latest step.
+    """
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    with _quiet():
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, tree: Any) -> None:
+    """Saves pytree `tree` as checkpoint `step` (overwrites nothing: steps are unique)."""
+    with _quiet():
+        manager.save(int(step), args=ocp.args.StandardSave(tree), force=True)
+        manager.wait_until_finished()
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """Closes `manager` (waits for pending work)."""
+    with _quiet():
+        manager.close()
+
+
+def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
+    """The newest saved step, or None if the directory holds no checkpoint."""
+    with _quiet():
+        return manager.latest_step()
+
+
+def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
+    """Restores checkpoint `step` into the structure, shapes and dtypes of `target`.
+
+    `target` is a pytree like the saved one (e.g. a freshly initialised train
+    state); static metadata (such as a VSMLConfig inside the params) comes from
+    it, the arrays from disk.
+    """
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    with _quiet():
+        return manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+
+
+# -------------------------------------------------------- portable learners
+DIR_PARAMS, DIR_INFO = "params.msgpack", "learner.json"
+
+
+def _paths(path: str) -> Tuple[str, str]:
+    """(msgpack, json) paths of a learner given by folder or by prefix."""
+    if os.path.isdir(path):
+        return os.path.join(path, DIR_PARAMS), os.path.join(path, DIR_INFO)
+    return path + ".msgpack", path + ".json"
+
+
+def save_learner(path_prefix: str, params: Any, config_dict: Dict[str, Any],
+                 extra: Optional[Dict[str, Any]] = None, learner: str = "vsml"
+                 ) -> Tuple[str, str]:
+    """Writes `<prefix>.msgpack` (params) and `<prefix>.json` (description).
+
+    Args:
+      path_prefix: e.g. "vsml_jax/pretrained/mnist" -> mnist.msgpack + mnist.json.
+      params: the meta variables (any pytree of arrays).
+      config_dict: JSON-serialisable static config (for VS-ML the VSMLConfig fields).
+      extra: more JSON-serialisable fields (flags, meta-training steps, loss, ...).
+      learner: the learner's name ("vsml", "meta_rnn").
+    Returns:
+      (msgpack path, json path).
+    """
+    return _write_pair(path_prefix + ".msgpack", path_prefix + ".json", params,
+                       config_dict, extra, learner)
+
+
+def save_learner_dir(directory: str, params: Any, config_dict: Dict[str, Any],
+                     extra: Optional[Dict[str, Any]] = None, learner: str = "vsml"
+                     ) -> Tuple[str, str]:
+    """Like `save_learner`, as <directory>/params.msgpack + <directory>/learner.json."""
+    os.makedirs(directory, exist_ok=True)
+    return _write_pair(os.path.join(directory, DIR_PARAMS),
+                       os.path.join(directory, DIR_INFO), params, config_dict, extra,
+                       learner)
+
+
+def _write_pair(msgpack_path, json_path, params, config_dict, extra, learner):
+    os.makedirs(os.path.dirname(os.path.abspath(msgpack_path)), exist_ok=True)
+    info = {"format": LEARNER_FORMAT, "learner": learner, "config": config_dict}
+    info.update(extra or {})
+    # Write to temporary names, then rename: readers never see a partial file.
+    for path, payload, mode in ((msgpack_path, serialization.to_bytes(params), "wb"),
+                                (json_path, json.dumps(info, indent=2, sort_keys=True)
+                                 + "\n", "w")):
+        tmp = path + ".tmp"
+        with open(tmp, mode) as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    return msgpack_path, json_path
+
+
+def load_learner(path_prefix: str, target: Any = None) -> Tuple[Any, Dict[str, Any]]:
+    """Reads a portable learner.
+
+    Args:
+      path_prefix: as given to `save_learner`, or a folder holding
+        params.msgpack + learner.json (`save_learner_dir`, a run's workdir).
+      target: a params pytree of the right structure (e.g. from init_params);
+        without it the raw nested dict of arrays is returned.
+    Returns:
+      (params, info dict from the JSON).
+    """
+    msgpack_path, json_path = _paths(path_prefix)
+    for path in (msgpack_path, json_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"portable learner file {path} is missing; a learner is either the "
+                f"pair {path_prefix}.msgpack + {path_prefix}.json (save_learner) or a "
+                f"folder with {DIR_PARAMS} + {DIR_INFO} (written by "
+                "experiments.meta_train at the end of a run).")
+    with open(json_path) as f:
+        info = json.load(f)
+    if info.get("format") != LEARNER_FORMAT:
+        raise ValueError(f"{json_path} has format {info.get('format')!r}; expected "
+                         f"{LEARNER_FORMAT!r}.")
+    with open(msgpack_path, "rb") as f:
+        payload = f.read()
+    if target is None:
+        return serialization.msgpack_restore(payload), info
+    return serialization.from_bytes(target, payload), info
+
+
+def vsml_config_to_dict(cfg) -> Dict[str, Any]:
+    """The VSMLConfig fields as a JSON-friendly dict (tuples become lists)."""
+    d = dataclasses.asdict(cfg)
+    d["layer_sizes"] = list(d["layer_sizes"])
+    return d
+
+
+def load_vsml_learner(path_prefix: str):
+    """Loads a VS-ML portable learner (prefix or folder): (params, VSMLConfig, info)."""
+    from vsml_jax.config import VSMLConfig
+    from vsml_jax.params import init_params
+
+    _, info = load_learner(path_prefix)
+    if info.get("learner") != "vsml":
+        raise ValueError(f"{path_prefix}.json describes a {info.get('learner')!r} "
+                         "learner, not 'vsml'.")
+    cfg = VSMLConfig(**info["config"])
+    target = init_params(jax.random.PRNGKey(0), cfg)
+    params, _ = load_learner(path_prefix, target)
+    return params, cfg, info
