@@ -375,6 +375,13 @@ def population(sizes, pops: Sequence[int], T: int, device_counts: Sequence[int],
 
 
 # ------------------------------------------------------------------ report
+def _remat_label(row) -> str:
+    """How a BPTT row rematerialised: "chunk k", "step" or "off"."""
+    if row["remat_chunk"]:
+        return "chunk %d" % row["remat_chunk"]
+    return "step" if row["remat"] else "off"
+
+
 def _fmt_t(t: Dict) -> str:
     return f"{t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}]"
 
@@ -418,8 +425,7 @@ def to_markdown(r: Dict) -> str:
         lines += ["| BPTT meta-gradient | impl | episodes x T | remat | grad time | "
                   "forward time | grad/forward | steps/s | memory (MiB) |", "|---" * 9 + "|"]
         for b in r["bptt"]:
-            rm = "chunk %d" % b["remat_chunk"] if b["remat_chunk"] else ("step" if b["remat"]
-                                                                           else "off")
+            rm = _remat_label(b)
             if "skipped" in b:
                 lines.append(f"| {b['sizes'][0]}->{b['sizes'][1]} | {b['impl']} | "
                              f"{b['episodes']} x {b['T']} | {rm} | not run: {b['skipped']} | "
@@ -435,8 +441,7 @@ def to_markdown(r: Dict) -> str:
         lines += ["| BPTT memory (compiled, MiB) | impl | episodes x T | remat | temp | "
                   "total |", "|---" * 6 + "|"]
         for b in r["memory"]:
-            rm = "chunk %d" % b["remat_chunk"] if b["remat_chunk"] else ("step" if b["remat"]
-                                                                           else "off")
+            rm = _remat_label(b)
             lines.append(f"| {b['sizes'][0]}->{b['sizes'][1]} | {b['impl']} | "
                          f"{b['episodes']} x {b['T']} | {rm} | {b['temp_mib']:.0f} | "
                          f"{b['total_mib']:.0f} |")
