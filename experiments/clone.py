@@ -34,6 +34,7 @@ import optax
 from absl import app, flags, logging
 
 from vsml_jax import cloning
+from vsml_jax.meta import gradient
 from vsml_jax.params import init_params
 from vsml_jax.training import checkpointing, loop
 
@@ -133,13 +134,12 @@ def make_config():
 
 
 def make_optimizer() -> optax.GradientTransformation:
-    lr = FLAGS.lr
-    if FLAGS.lr_final_fraction != 1.0:
-        lr = optax.cosine_decay_schedule(FLAGS.lr, FLAGS.lr_decay_steps or FLAGS.num_steps,
-                                         FLAGS.lr_final_fraction)
-    adam = optax.adam(lr)
-    return optax.chain(optax.clip_by_global_norm(FLAGS.clip_norm), adam) \
-        if FLAGS.clip_norm > 0 else adam
+    """Adam with optional clipping and cosine decay: the meta-training optimiser."""
+    decay = FLAGS.lr_decay_steps or FLAGS.num_steps
+    return gradient.make_optimizer(
+        "adam", FLAGS.lr, clip_norm=FLAGS.clip_norm if FLAGS.clip_norm > 0 else None,
+        decay_steps=decay if FLAGS.lr_final_fraction != 1.0 else 0,
+        final_lr_fraction=FLAGS.lr_final_fraction)
 
 
 def build(cfg, spec):
