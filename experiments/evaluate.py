@@ -4,26 +4,39 @@
         --datasets=mnist,fashion_mnist --episode_length=2000 --seeds=10 \
         --baselines=adam,sgd,meta_rnn:RNN_WORKDIR --out_dir=DIR
 
-Every method sees the same streams: for each seed, N test examples in random
-order (no label permutation), pooled to the learner's input size (the `pool`
+Every method sees the same streams: for each seed, N examples of --split in
+random order (no label permutation), pooled to the learner's input size (the `pool`
 it was trained with, or --pool; a VS-ML learner runs at any input size). The
 learning rates of the online-backprop baselines are chosen per dataset by a
 sweep on streams of the *training* split with separate seeds, and the sweep
-table is reported. With --stream_batch=K every step feeds K examples: K copies
-of a VS-ML learner with averaged states, a minibatch of K for Adam/SGD.
+table is reported (a single entry in --lrs, or --tanh_sgd_lr, fixes the rate
+with no sweep). With --stream_batch=K every step feeds K examples: K copies
+of a VS-ML learner with averaged states, a minibatch of K for Adam/SGD (T x K
+examples per stream, drawn with replacement beyond the split's size).
+
+Held-out test curves: with --test_every=M every learner also classifies the
+first --test_examples images of --test_split after step 0 and every M steps
+(learning nothing from them); the streams then come from the training split.
+The cloned-backprop comparison of fig. 5 with the paper's batch averaging:
+
+    python -m experiments.evaluate --checkpoint=pretrained:backprop_clone \
+        --baselines=tanh_sgd --tanh_sgd_lr=clone --tanh_sgd_init_scale=0 \
+        --stream_batch=64 --episode_length=1000 --test_every=100 --seeds=10 \
+        --out_dir=DIR
 
 Writes DIR/summary.json (metrics mean/std/per-seed, settings, sweep tables,
-parameter counts, configs), DIR/curves.npz (per-seed curves), DIR/fig6.png
-(cumulative online accuracy vs examples seen, one panel per dataset) and
-DIR/window_accuracy.png (accuracy over the last --window steps), and prints a
-table.
+parameter counts, configs, held-out curves), DIR/curves.npz (per-seed curves),
+DIR/fig6.png (cumulative online accuracy vs examples seen, one panel per
+dataset), DIR/window_accuracy.png (accuracy over the last --window steps) and,
+with --test_every, DIR/test_accuracy.png (held-out accuracy vs examples seen),
+and prints a table.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from absl import app, flags
@@ -45,7 +58,8 @@ flags.DEFINE_integer("episode_length", 1000, "N: steps per stream.", lower_bound
 flags.DEFINE_integer("seeds", 10, "Streams (seeds) per dataset and method.", lower_bound=1)
 flags.DEFINE_integer("seed_offset", 0, "Streams use seeds seed_offset ... + seeds - 1.",
                      lower_bound=0)
-flags.DEFINE_string("split", "test", "Split the streams are drawn from.")
+flags.DEFINE_string("split", "test", "Split the streams are drawn from (left at its "
+                    "default with --test_every > 0: train).")
 flags.DEFINE_integer("pool", -1, "Average-pool images by this factor (1: 784 inputs, "
                      "2: 196, 4: 49); -1 uses the checkpoint's.")
 flags.DEFINE_integer("stream_batch", 0, "K > 0: feed K examples per step (batch-averaged "
@@ -59,6 +73,17 @@ flags.DEFINE_integer("sweep_seed_offset", 1_000_000, "Sweep streams use seeds fr
 flags.DEFINE_string("sweep_split", "train", "Split the sweep streams are drawn from.")
 flags.DEFINE_integer("sweep_length", 0, "Steps per sweep stream (0: episode_length).",
                      lower_bound=0)
+flags.DEFINE_string("tanh_sgd_lr", "", "Learning rate of tanh_sgd: empty sweeps --lrs, "
+                    "a number fixes it, 'clone' takes the rate the --checkpoint was cloned "
+                    "to implement (clone.lr x error_scale in its learner.json).")
+flags.DEFINE_float("tanh_sgd_init_scale", 1.0, "tanh_sgd's weights start N(0, s^2 / D); 0 "
+                   "starts from W = 0, b = 0 like the cloned learner (fig. 5).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("test_every", 0, "M > 0: test every learner on held-out images after "
+                     "step 0 and every M steps (0: off).", lower_bound=0)
+flags.DEFINE_integer("test_examples", 1000, "Held-out images: the first N of --test_split.",
+                     lower_bound=1)
+flags.DEFINE_string("test_split", "test", "Split the held-out images come from.")
 flags.DEFINE_list("gd_hidden", [], "Hidden layer sizes of the adam/sgd network "
                   "(empty: the single layer y = W x + b).")
 flags.DEFINE_list("checkpoints", ["100", "500", "1000", "2000"],
@@ -84,8 +109,8 @@ def gd_factory(kind: str, input_size: int, num_classes: int):
     """lr -> Learner for an online-backprop baseline."""
     hidden = tuple(int(h) for h in FLAGS.gd_hidden)
     if kind == "tanh_sgd":
-        return lambda lr: online_gd.tanh_linear_learner(input_size, num_classes,
-                                                        learning_rate=lr)
+        return lambda lr: online_gd.tanh_linear_learner(
+            input_size, num_classes, learning_rate=lr, init_scale=FLAGS.tanh_sgd_init_scale)
     return lambda lr: online_gd.online_gd_learner(input_size, num_classes, optimizer=kind,
                                                   learning_rate=lr, hidden_sizes=hidden,
                                                   name=kind)
@@ -135,8 +160,63 @@ def load_checkpoint(spec: str, input_size: int, kind: str = ""):
     return loaded
 
 
+def fixed_tanh_sgd_lr(main) -> Optional[float]:
+    """tanh_sgd's learning rate from --tanh_sgd_lr (None: sweep --lrs)."""
+    spec = FLAGS.tanh_sgd_lr.strip()
+    if not spec:
+        return None
+    if spec == "clone":
+        if main is None:
+            raise app.UsageError("--tanh_sgd_lr=clone needs a cloned learner as --checkpoint "
+                                 "(e.g. pretrained:backprop_clone).")
+        lr = evaluation.clone_learning_rate(main.info, main.learner.config)
+        if not np.isfinite(lr):
+            raise app.UsageError(f"--tanh_sgd_lr=clone: {main.source} is not a cloned "
+                                 "learner (its learner.json has no \"clone\": {\"lr\"}); "
+                                 "pass the rate as a number.")
+        return lr
+    try:
+        lr = float(spec)
+    except ValueError:
+        raise app.UsageError(f"--tanh_sgd_lr={spec!r}: give a number, 'clone' or nothing "
+                             "(sweep --lrs).") from None
+    if not lr >= 0:
+        raise app.UsageError(f"--tanh_sgd_lr={spec}: must be >= 0.")
+    return lr
+
+
+def stream_split() -> str:
+    """The split the streams come from: with held-out tests never the test split."""
+    if not FLAGS.test_every:
+        return FLAGS.split
+    if not FLAGS["split"].present:
+        split = "train" if FLAGS.test_split != "train" else "test"
+        log(f"--test_every={FLAGS.test_every}: streams come from the {split} split, "
+            f"held-out images from the {FLAGS.test_split} split (set --split to choose).")
+        return split
+    if FLAGS.split == FLAGS.test_split:
+        raise app.UsageError(
+            f"--split={FLAGS.split} and --test_split={FLAGS.test_split}: the streams would "
+            "contain the held-out images; draw the streams from another split (e.g. "
+            "--split=train) or leave --split unset.")
+    return FLAGS.split
+
+
+def held_out_data(dataset: str, pool: int):
+    """(images [N, D], labels [N]): the first --test_examples of --test_split."""
+    data = make_dataset(dataset, FLAGS.test_split, data_dir=FLAGS.data_dir, pool=pool)
+    n = FLAGS.test_examples
+    if n > data.num_examples:
+        raise app.UsageError(f"--test_examples={n} but the {dataset} {FLAGS.test_split} "
+                             f"split has {data.num_examples} images.")
+    return data.images[:n], data.labels[:n]
+
+
 def format_table(dataset: str, results: Dict[str, Dict[str, Any]]) -> str:
-    keys = list(next(iter(results.values()))["metrics"])
+    # test_acc@n for every tested step would make the table too wide; the
+    # JSON has them all, the table the final one.
+    keys = [k for k in next(iter(results.values()))["metrics"]
+            if not k.startswith("test_acc@")]
     lines = [f"== {dataset}: mean +- std over seeds",
              f"{'method':<12}" + "".join(f"{k:>20}" for k in keys)]
     for method, res in results.items():
@@ -165,6 +245,9 @@ def main(argv):
     probe = load_checkpoint(FLAGS.checkpoint, None) if FLAGS.checkpoint else None
     pool = resolve_pool(probe)
     input_size = (28 // pool) ** 2
+    split = stream_split()
+    test_every = FLAGS.test_every
+    tanh_sgd_lr = fixed_tanh_sgd_lr(probe)
 
     # Every learner with meta variables, loaded at the streams' input size.
     learners: Dict[str, Any] = {}
@@ -184,14 +267,18 @@ def main(argv):
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     results: Dict[str, Dict[str, Any]] = {}
     curves: Dict[str, np.ndarray] = {}
-    cum_panels, win_panels = {}, {}
-    eval_kwargs = dict(stream_batch=K, checkpoints=checkpoints, window=FLAGS.window,
-                       chunk_size=FLAGS.chunk_size, log=log)
+    cum_panels, win_panels, test_panels = {}, {}, {}
     for dataset in FLAGS.datasets:
-        log(f"--- {dataset} ({FLAGS.split} split, pool={pool} -> {input_size} inputs, "
-            f"N={N}, {len(seeds)} seeds{f', {K} examples per step' if K else ''})")
-        data = make_dataset(dataset, FLAGS.split, data_dir=FLAGS.data_dir, pool=pool)
+        log(f"--- {dataset} ({split} split, pool={pool} -> {input_size} inputs, "
+            f"N={N}, {len(seeds)} seeds{f', {K} examples per step' if K else ''}"
+            + (f", held-out test every {test_every} steps on {FLAGS.test_examples} "
+               f"{FLAGS.test_split} images" if test_every else "") + ")")
+        data = make_dataset(dataset, split, data_dir=FLAGS.data_dir, pool=pool)
         streams = evaluation.make_streams(data, seeds, N, stream_batch=K)
+        eval_kwargs = dict(stream_batch=K, checkpoints=checkpoints, window=FLAGS.window,
+                           chunk_size=FLAGS.chunk_size, log=log)
+        if test_every:
+            eval_kwargs.update(held_out=held_out_data(dataset, pool), held_out_every=test_every)
         per_method: Dict[str, Dict[str, Any]] = {}
 
         def record(method, learner, params, extra):
@@ -204,29 +291,49 @@ def main(argv):
             log(f"{method}: cumulative accuracy after {N} steps "
                 f"{res.summary[f'cum_acc@{N}']['mean']:.4f} +- "
                 f"{res.summary[f'cum_acc@{N}']['std']:.4f}")
+            if res.test_acc is not None:
+                per_method[method]["held_out"] = {
+                    "steps": res.test_steps.tolist(),
+                    "examples_seen": (res.test_steps * max(K, 1)).tolist(),
+                    "acc_mean": res.test_acc.mean(axis=0).tolist(),
+                    "acc_std": res.test_acc.std(axis=0).tolist()}
+                curves[f"{dataset}/{method}/test_acc"] = res.test_acc.astype(np.float32)
+                curves[f"{dataset}/{method}/test_steps"] = res.test_steps
+                final = res.summary["test_acc_final"]
+                log(f"{method}: held-out accuracy after {N} steps {final['mean']:.4f} +- "
+                    f"{final['std']:.4f}")
 
         for name, loaded in learners.items():
             record(name, loaded.learner, loaded.params,
                    {"source": loaded.source, "trained_flags": loaded.info.get("flags", {})})
 
         gd = [(label, kind) for label, kind, path in baselines if not path]
-        if gd:
+        swept = [k for _, k in gd if not (k == "tanh_sgd" and tanh_sgd_lr is not None)]
+        if swept and len(lrs) > 1:
             sweep_data = make_dataset(dataset, FLAGS.sweep_split, data_dir=FLAGS.data_dir,
                                       pool=pool)
             sweep_streams = evaluation.make_streams(
                 sweep_data, sweep_seeds, FLAGS.sweep_length or N, stream_batch=K)
         for label, kind in gd:
             make = gd_factory(kind, input_size, num_classes)
-            best, table = online_gd.sweep_learning_rate(make, lrs, sweep_streams, sweep_seeds,
-                                                        stream_batch=K)
-            log(f"{label}: lr sweep on {FLAGS.sweep_split} streams "
-                + ", ".join(f"{r['lr']:g}: {r['score']:.3f}" for r in table)
-                + f" -> lr={best:g}")
-            if len(lrs) > 1 and best in (min(lrs), max(lrs)):
-                log(f"note: {label}'s best learning rate {best:g} is at the edge of --lrs; "
-                    "the optimum may lie outside the grid.")
+            if kind == "tanh_sgd" and tanh_sgd_lr is not None:
+                best, table, how = tanh_sgd_lr, None, f"--tanh_sgd_lr={FLAGS.tanh_sgd_lr}"
+            elif len(lrs) == 1:  # nothing to choose: no sweep runs
+                best, table, how = lrs[0], None, "--lrs (one entry)"
+            else:
+                best, table = online_gd.sweep_learning_rate(make, lrs, sweep_streams,
+                                                            sweep_seeds, stream_batch=K)
+                how = f"sweep on {FLAGS.sweep_split} streams"
+                log(f"{label}: lr {how} "
+                    + ", ".join(f"{r['lr']:g}: {r['score']:.3f}" for r in table)
+                    + f" -> lr={best:g}")
+                if best in (min(lrs), max(lrs)):
+                    log(f"note: {label}'s best learning rate {best:g} is at the edge of "
+                        "--lrs; the optimum may lie outside the grid.")
+            if table is None:
+                log(f"{label}: lr={best:g} from {how}")
             learner = make(best)
-            record(label, learner, None, {"lr": best, "lr_sweep": table,
+            record(label, learner, None, {"lr": best, "lr_sweep": table, "lr_source": how,
                                           "source": "online backprop"})
         results[dataset] = per_method
         title = PANEL_TITLES.get(dataset, dataset)
@@ -234,6 +341,9 @@ def main(argv):
                              for m in per_method}
         win_panels[title] = {m: plotting.mean_std(curves[f"{dataset}/{m}/win_acc"])
                              for m in per_method}
+        if test_every:
+            test_panels[title] = {m: (curves[f"{dataset}/{m}/test_steps"],
+                                      curves[f"{dataset}/{m}/test_acc"]) for m in per_method}
 
     xlabel = "examples seen" if not K else f"examples seen ({K} per step)"
     fig = plotting.plot_learning_curves(cum_panels, os.path.join(FLAGS.out_dir, "fig6.png"),
@@ -243,21 +353,32 @@ def main(argv):
                                                            "window_accuracy.png"),
                                   xlabel=xlabel, x_scale=max(K, 1),
                                   ylabel=f"accuracy over last {FLAGS.window} steps")
+    files = {"figure": os.path.basename(fig), "window_figure": "window_accuracy.png",
+             "curves": "curves.npz"}
+    if test_every:
+        evaluation.plot_held_out_curves(test_panels, os.path.join(FLAGS.out_dir,
+                                                                  "test_accuracy.png"),
+                                        xlabel=xlabel, x_scale=max(K, 1))
+        files["test_figure"] = "test_accuracy.png"
     np.savez_compressed(os.path.join(FLAGS.out_dir, "curves.npz"), **curves)
     summary = {
         "settings": {
             "checkpoint": FLAGS.checkpoint, "baselines": FLAGS.baselines,
-            "datasets": FLAGS.datasets, "split": FLAGS.split, "episode_length": N,
+            "datasets": FLAGS.datasets, "split": split, "episode_length": N,
             "seeds": seeds, "pool": pool, "input_size": input_size, "stream_batch": K,
             "checkpoints": checkpoints, "window": FLAGS.window, "std": "over seeds, ddof=0",
             "lr_sweep": {"lrs": lrs, "seeds": sweep_seeds, "split": FLAGS.sweep_split,
                          "length": FLAGS.sweep_length or N,
                          "criterion": "mean cumulative online accuracy over the stream"},
             "gd_hidden": [int(h) for h in FLAGS.gd_hidden],
+            "tanh_sgd": {"lr_flag": FLAGS.tanh_sgd_lr, "fixed_lr": tanh_sgd_lr,
+                         "init_scale": FLAGS.tanh_sgd_init_scale},
+            # The held-out images are the first `examples` of `split`.
+            "held_out": ({"every": test_every, "examples": FLAGS.test_examples,
+                          "split": FLAGS.test_split} if test_every else None),
         },
         "results": results,
-        "files": {"figure": os.path.basename(fig), "window_figure": "window_accuracy.png",
-                  "curves": "curves.npz"},
+        "files": files,
     }
     with open(os.path.join(FLAGS.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -267,8 +388,8 @@ def main(argv):
     print("parameters: " + "; ".join(
         f"{m}: {r['counts']['meta_variables']:,} meta / {r['counts']['learned_variables']:,} "
         "learned" for m, r in counts.items()))
-    log(f"wrote {FLAGS.out_dir}/summary.json, fig6.png, window_accuracy.png, curves.npz "
-        f"in {time.perf_counter() - t_start:.1f} s")
+    log(f"wrote {FLAGS.out_dir}/summary.json, " + ", ".join(files.values())
+        + f" in {time.perf_counter() - t_start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,132 +1,134 @@
 r"""Figure 5: the cloned backprop learning on MNIST and Fashion-MNIST.
 
     python -m experiments.fig5 --checkpoint=pretrained:backprop_clone \
-        --out_dir=/tmp/fig5 --steps=3000 --seeds=3
+        --out_dir=/tmp/fig5 --steps=3000 --seeds=3 [--stream_batch=64]
 
 A cloned learner (a VS-ML network whose LSTM cells were trained on random data
 to implement backprop, `experiments.clone`) learns online from a stream of
-training images, one per step, with no gradient computed anywhere. Next to it
-runs explicit online SGD on the same network, y = tanh(x) W + b from W = 0,
-b = 0 (`vsml_jax.baselines.online_gd.tanh_linear_learner`), at the clone's
-effective learning rate (rule_lr x error_scale, from its learner.json) unless
---sgd_lr is given. Every `eval_every` steps both are tested on `test_examples`
-images of the test split (predictions only; the test images never change the
-learner). Optionally an improved clone (meta-trained from the clone, e.g. by
-CMA-ES: `experiments.meta_train --init_checkpoint=...`) is drawn as well.
+training images, with no gradient computed anywhere. Next to it runs explicit
+online SGD on the same network, y = tanh(x) W + b from W = 0, b = 0
+(`vsml_jax.baselines.online_gd.tanh_linear_learner`), at the clone's
+effective learning rate (clone.lr x error_scale, from its learner.json) unless
+--sgd_lr is given. Every `eval_every` steps both are tested on the first
+`test_examples` images of the test split (predictions only; the test images
+never change the learner). Optionally an improved clone (meta-trained from the
+clone, e.g. by CMA-ES: `experiments.meta_train --init_checkpoint=...`) is drawn
+as well.
 
-Writes out_dir/fig5.json (all curves, per seed) and out_dir/fig5.png (mean
-and std over seeds of the test accuracy vs steps, one panel per dataset).
+One step feeds one image, or with --stream_batch=K (the paper uses 64) K
+images: K copies of the clone whose states are averaged after every step, and
+a minibatch of K for SGD. Seed s gives every method the same stream
+(`vsml_jax.evaluation.make_streams`) and the held-out curves come from
+`vsml_jax.evaluation.evaluate_method`, as in `experiments.evaluate
+--test_every`.
+
+Writes out_dir/fig5.json (flags, learning rates, summary, curves per seed) and
+out_dir/fig5.png (mean and std over seeds of the test accuracy vs steps, one
+panel per dataset).
 """
 from __future__ import annotations
 
 import json
 import os
-import time
-from typing import Dict, List
+from typing import Any, Dict
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
 from vsml_jax import data as vdata
-from vsml_jax import pretrained
+from vsml_jax import evaluation, pretrained
 from vsml_jax.baselines import online_gd
-from vsml_jax.network import error_message, forward_pass
+from vsml_jax.config import VSMLConfig
+from vsml_jax.learners import vsml_learner
 
 flags.DEFINE_string("checkpoint", "pretrained:backprop_clone",
                     "The cloned learner: a workdir of experiments.clone or pretrained:NAME.")
 flags.DEFINE_string("improved_checkpoint", None, "Optional: a learner meta-trained from "
                     "the clone (drawn as 'clone + meta-training').")
 flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Datasets.")
-flags.DEFINE_integer("pool", 1, "Average pooling of the images (1: 28x28 = 784 inputs).")
-flags.DEFINE_integer("steps", 3000, "Training examples per stream (one per step).")
-flags.DEFINE_integer("eval_every", 500, "Test every this many steps.")
+flags.DEFINE_integer("pool", 1, "Average pooling of the images (1: 28x28 = 784 inputs).",
+                     lower_bound=1)
+flags.DEFINE_integer("steps", 3000, "Steps per stream (training images, K per step with "
+                     "--stream_batch=K).", lower_bound=1)
+flags.DEFINE_integer("eval_every", 500, "Test every this many steps.", lower_bound=1)
 flags.DEFINE_integer("test_examples", 1000, "Test images per evaluation (first n of the "
-                     "test split).")
-flags.DEFINE_integer("seeds", 3, "Streams (seeds) per dataset and method.")
+                     "test split).", lower_bound=1)
+flags.DEFINE_integer("seeds", 3, "Streams (seeds) per dataset and method.", lower_bound=1)
+flags.DEFINE_integer("stream_batch", 0, "0: one image per step (online); K > 0: K images "
+                     "per step, the clone's K copies averaged after every step and SGD on "
+                     "minibatches of K (the paper: 64).", lower_bound=0)
 flags.DEFINE_float("sgd_lr", 0.0, "Learning rate of the SGD baseline (0: the clone's "
-                   "effective rate rule_lr x error_scale).")
-flags.DEFINE_float("error_scale", 0.0, "Override the clone's error_scale (0: keep).")
+                   "effective rate clone.lr x error_scale).", lower_bound=0.0)
+flags.DEFINE_float("error_scale", 0.0, "Override the clone's error_scale (0: keep).",
+                   lower_bound=0.0)
 flags.DEFINE_string("data_dir", os.environ.get("VSML_DATA_DIR"), "IDX data folder.")
 flags.DEFINE_string("out_dir", None, "Where fig5.json and fig5.png go.")
 FLAGS = flags.FLAGS
 
+PANEL_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion MNIST"}
 
-def load_clone(spec: str, input_size: int):
-    """(Learner, params, effective learning rate) of a cloned learner."""
-    loaded = pretrained.load_learner(spec, input_size=input_size)
+
+def load_clone(spec: str, input_size: int, error_scale: float = 0.0):
+    """(Learner, params, effective SGD learning rate) of a cloned VS-ML learner.
+
+    error_scale > 0 replaces the config's error_scale (and so the rate).
+    """
+    try:
+        loaded = pretrained.load_learner(spec, input_size=input_size)
+    except pretrained.LearnerFileError as e:
+        raise app.UsageError(str(e)) from e
     learner, params = loaded.learner, loaded.params
-    cfg = learner.config
-    if FLAGS.error_scale > 0:
-        from vsml_jax.learners import vsml_learner
-        cfg = cfg.replace(error_scale=FLAGS.error_scale)
+    if not isinstance(learner.config, VSMLConfig):
+        raise app.UsageError(f"{spec} holds a {learner.name!r} learner; figure 5 needs a "
+                             "VS-ML learner (experiments.clone or meta_train output).")
+    if error_scale > 0:
+        cfg = learner.config.replace(error_scale=error_scale)
         learner, params = vsml_learner(cfg), params.replace(cfg=cfg)
-    clone = loaded.info.get("clone") or {}
-    rate = float(clone.get("lr", float("nan"))) * cfg.error_scale
-    return learner, params, rate
+    return learner, params, evaluation.clone_learning_rate(loaded.info, learner.config)
 
 
-def vsml_test_logits(params, state, x):
-    """[N, C] predictions of a VS-ML learner's current state (predict pass only)."""
-    cfg = params.cfg
-    zeros = jnp.zeros((cfg.num_classes,), jnp.float32)
-    msg = error_message(cfg, zeros, zeros)
-    one = lambda xi: forward_pass(params, state.layers, xi, msg)[1]
-    # One image at a time: vmapping over images multiplies the [A, B, 4H]
-    # temporaries and runs several times slower on CPU.
-    return jax.lax.map(one, x)
+def load_methods(input_size: int, num_classes: int = 10):
+    """({method: (Learner, params)}, {"sgd_lr", "clone_rate", "input_size"}).
+
+    Loaded once for all datasets: every Learner object has its own compiled
+    programs.
+    """
+    clone, clone_params, rate = load_clone(FLAGS.checkpoint, input_size, FLAGS.error_scale)
+    sgd_lr = FLAGS.sgd_lr or rate
+    if not np.isfinite(sgd_lr):
+        raise app.UsageError(f"{FLAGS.checkpoint} has no clone learning rate in its "
+                             "learner.json; pass --sgd_lr.")
+    sgd = online_gd.tanh_linear_learner(input_size, num_classes, learning_rate=sgd_lr,
+                                        init_scale=0.0)
+    methods: Dict[str, Any] = {"cloned backprop": (clone, clone_params),
+                               f"SGD (lr {sgd_lr:g})": (sgd, None)}
+    if FLAGS.improved_checkpoint:
+        imp, imp_params, _ = load_clone(FLAGS.improved_checkpoint, input_size,
+                                        FLAGS.error_scale)
+        methods["clone + meta-training"] = (imp, imp_params)
+    return methods, {"sgd_lr": sgd_lr, "clone_rate": rate, "input_size": input_size}
 
 
-def sgd_test_logits(cfg):
-    return lambda params, state, x: online_gd.apply_net(cfg, state.net, x)
-
-
-def learning_curve(learner, params, test_logits, train, test, seed: int) -> Dict:
-    """Test accuracy every eval_every steps of one stream (seed)."""
-    key = jax.random.PRNGKey(seed)
-    idx = jax.random.permutation(key, train.images.shape[0])[:FLAGS.steps]
-    xs, ys = train.images[idx], jax.nn.one_hot(train.labels[idx], 10)
-    x_test = test.images[:FLAGS.test_examples]
-    y_test = test.labels[:FLAGS.test_examples]
-    state = learner.init_state(jax.random.fold_in(key, 1))
-    unroll = jax.jit(learner.unroll)
-    acc_fn = jax.jit(lambda p, s: jnp.mean(jnp.argmax(test_logits(p, s, x_test), -1)
-                                           == y_test))
-    steps, test_acc, online_acc = [0], [float(acc_fn(params, state))], []
-    for start in range(0, FLAGS.steps, FLAGS.eval_every):
-        stop = min(start + FLAGS.eval_every, FLAGS.steps)
-        state, out = unroll(params, state, (xs[start:stop], ys[start:stop]))
-        steps.append(stop)
-        test_acc.append(float(acc_fn(params, state)))
-        online_acc.append(float(jnp.mean(out.correct)))
-    return {"steps": steps, "test_acc": test_acc, "online_acc": online_acc}
-
-
-def plot(results: Dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    datasets = list(results)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6),
-                             squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        for method, runs in results[ds].items():
-            steps = np.asarray(runs[0]["steps"])
-            acc = np.asarray([r["test_acc"] for r in runs])
-            mean, std = acc.mean(0), acc.std(0)
-            line, = ax.plot(steps, mean, label=method)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.25,
-                            color=line.get_color())
-        ax.set_title({"mnist": "MNIST", "fashion_mnist": "Fashion MNIST"}.get(ds, ds))
-        ax.set_xlabel("training examples (one per step)")
-        ax.set_ylabel("test accuracy")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+def run_dataset(ds: str, methods: Dict[str, Any], seeds, K: int):
+    """{method: MethodResult with the held-out curve} on one dataset."""
+    train = vdata.make_dataset(ds, "train", data_dir=FLAGS.data_dir, pool=FLAGS.pool)
+    test = vdata.make_dataset(ds, "test", data_dir=FLAGS.data_dir, pool=FLAGS.pool)
+    n = FLAGS.test_examples
+    if n > test.num_examples:
+        raise app.UsageError(f"--test_examples={n} but the {ds} test split has "
+                             f"{test.num_examples} images.")
+    streams = evaluation.make_streams(train, seeds, FLAGS.steps, stream_batch=K)
+    held_out = (test.images[:n], test.labels[:n])
+    results = {}
+    for name, (learner, params) in methods.items():
+        results[name] = evaluation.evaluate_method(
+            learner, params, streams, seeds, stream_batch=K, checkpoints=(),
+            window=FLAGS.eval_every, held_out=held_out, held_out_every=FLAGS.eval_every,
+            log=lambda msg, name=name: logging.info("%s %s: %s", ds, name, msg))
+        final = results[name].summary["test_acc_final"]
+        logging.info("%s %s: final test acc %.4f +- %.4f over %d seeds", ds, name,
+                     final["mean"], final["std"], len(seeds))
+    return results
 
 
 def main(argv):
@@ -134,47 +136,38 @@ def main(argv):
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required.")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    results: Dict[str, Dict[str, List[Dict]]] = {}
-    meta = {}
+    if 28 % FLAGS.pool:
+        raise app.UsageError(f"--pool={FLAGS.pool} must divide 28 (1, 2, 4, 7, 14, 28).")
+    seeds, K = list(range(FLAGS.seeds)), FLAGS.stream_batch
+    methods, method_info = load_methods((28 // FLAGS.pool) ** 2)
+    summary, curves, meta, panels = {}, {}, {}, {}
     for ds in FLAGS.datasets:
-        train = vdata.make_dataset(ds, "train", data_dir=FLAGS.data_dir, pool=FLAGS.pool)
-        test = vdata.make_dataset(ds, "test", data_dir=FLAGS.data_dir, pool=FLAGS.pool)
-        d = train.images.shape[1]
-        clone, clone_params, rate = load_clone(FLAGS.checkpoint, d)
-        sgd_lr = FLAGS.sgd_lr or rate
-        if not np.isfinite(sgd_lr):
-            raise app.UsageError(f"{FLAGS.checkpoint} has no clone learning rate in its "
-                                 "learner.json; pass --sgd_lr.")
-        sgd = online_gd.tanh_linear_learner(d, 10, learning_rate=sgd_lr, init_scale=0.0)
-        methods = {"cloned backprop": (clone, clone_params, vsml_test_logits),
-                   f"SGD (lr {sgd_lr:g})": (sgd, None, sgd_test_logits(sgd.config))}
-        if FLAGS.improved_checkpoint:
-            imp, imp_params, _ = load_clone(FLAGS.improved_checkpoint, d)
-            methods["clone + meta-training"] = (imp, imp_params, vsml_test_logits)
-        meta[ds] = {"sgd_lr": sgd_lr, "clone_rate": rate, "input_size": d}
-        results[ds] = {}
-        for name, (learner, params, test_logits) in methods.items():
-            runs = []
-            for seed in range(FLAGS.seeds):
-                t0 = time.time()
-                runs.append(learning_curve(learner, params, test_logits, train, test, seed))
-                logging.info("%s %s seed %d: test acc %s (%.0f s)", ds, name, seed,
-                             [round(a, 3) for a in runs[-1]["test_acc"]], time.time() - t0)
-            results[ds][name] = runs
-            final = [r["test_acc"][-1] for r in runs]
-            logging.info("%s %s: final test acc %.4f +- %.4f over %d seeds", ds, name,
-                         np.mean(final), np.std(final), len(final))
-    summary = {ds: {m: {"final_test_acc_mean": float(np.mean([r["test_acc"][-1] for r in rs])),
-                        "final_test_acc_std": float(np.std([r["test_acc"][-1] for r in rs])),
-                        "online_acc_last_chunk_mean": float(np.mean([r["online_acc"][-1]
-                                                                     for r in rs]))}
-                    for m, rs in res.items()} for ds, res in results.items()}
+        results = run_dataset(ds, methods, seeds, K)
+        meta[ds] = method_info
+        summary[ds] = {m: {"final_test_acc_mean": r.summary["test_acc_final"]["mean"],
+                           "final_test_acc_std": r.summary["test_acc_final"]["std"],
+                           "final_test_acc_per_seed": r.summary["test_acc_final"]["per_seed"],
+                           # online accuracy over the last eval_every steps
+                           "online_acc_last_chunk_mean": r.summary["final_window_acc"]["mean"]}
+                       for m, r in results.items()}
+        curves[ds] = {m: {"steps": r.test_steps.tolist(),
+                          "examples_seen": (r.test_steps * max(K, 1)).tolist(),
+                          "test_acc": r.test_acc.tolist(),  # [seed][step]
+                          "test_acc_mean": r.test_acc.mean(axis=0).tolist(),
+                          "test_acc_std": r.test_acc.std(axis=0).tolist()}
+                      for m, r in results.items()}
+        panels[PANEL_TITLES.get(ds, ds)] = {m: (r.test_steps, r.test_acc)
+                                            for m, r in results.items()}
     with open(os.path.join(FLAGS.out_dir, "fig5.json"), "w") as f:
         json.dump({"flags": {k: FLAGS[k].value for k in (
             "checkpoint", "improved_checkpoint", "datasets", "pool", "steps", "eval_every",
-            "test_examples", "seeds", "sgd_lr", "error_scale")},
-            "methods": meta, "summary": summary, "curves": results}, f, indent=1)
-    plot(results, os.path.join(FLAGS.out_dir, "fig5.png"))
+            "test_examples", "seeds", "stream_batch", "sgd_lr", "error_scale")},
+            "seeds": seeds, "std": "over seeds, ddof=0",
+            "methods": meta, "summary": summary, "curves": curves}, f, indent=1)
+    xlabel = ("training steps (one image each)" if not K else
+              f"training steps ({K} images each, states averaged)")
+    evaluation.plot_held_out_curves(panels, os.path.join(FLAGS.out_dir, "fig5.png"),
+                                    xlabel=xlabel, ylabel="test accuracy")
     print(json.dumps(summary, indent=1))
 
 

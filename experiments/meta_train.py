@@ -19,6 +19,7 @@ the params) + workdir/learner.json (config, flags, meta-training summary).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -27,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vsml_jax.config import CELLS, PROTOCOLS, REDUCTIONS, VSMLConfig
+from vsml_jax import pretrained
 from vsml_jax.learners import Learner, vsml_learner
 from vsml_jax.meta import sharding
 from vsml_jax.meta.objective import EpisodeSpec, meta_test_accuracy
@@ -83,11 +85,17 @@ flags.DEFINE_float("clip_norm", 1.0, "Global-norm gradient clipping (0: off).")
 flags.DEFINE_integer("popsize", 16, "Population size of evolution strategies.")
 flags.DEFINE_float("sigma_init", 0.1, "Initial std of evolution strategies.")
 flags.DEFINE_float("es_lr", 0.01, "Adam learning rate of open_es.")
+flags.DEFINE_string("member_batch", "auto", "ES members evaluated at once on each "
+                    "device: auto (1 on CPU, all on GPU/TPU), all (vmap), or a number "
+                    "(lax.map over chunks). Same fitness either way; speed differs.")
 flags.DEFINE_integer("num_steps", 1000, "Meta-training steps (generations for ES).")
 flags.DEFINE_boolean("remat", True, "Rematerialise each step in BPTT (VS-ML).")
-flags.DEFINE_integer("remat_chunk", 0, "Two-level remat chunk (0: off); divides T.")
+flags.DEFINE_list("remat_chunk", ["0"], "Chunked remat: k stores carries every k "
+                  "steps; k1,k2 nests chunks for long episodes (product divides T; "
+                  "0: off). See vsml_jax.network.remat_chunks.")
 flags.DEFINE_string("init_checkpoint", None, "Start from this portable learner (a "
-                    "prefix of .msgpack/.json, or a run's workdir) instead of random.")
+                    "meta_train/clone workdir or pretrained:NAME) instead of random; "
+                    "a VS-ML learner keeps the checkpoint's architecture.")
 flags.DEFINE_integer("seed", 0, "Seed of params, episodes and states.")
 # Bookkeeping
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
@@ -115,14 +123,23 @@ flags.register_validator("clip_norm", lambda v: v >= 0,
                          message="--clip_norm must be >= 0 (0 disables clipping).")
 flags.register_validator("eval_every", lambda v: v >= 0,
                          message="--eval_every must be >= 0 (0 disables meta-tests).")
-flags.register_validator("remat_chunk", lambda v: v >= 0,
-                         message="--remat_chunk must be >= 0 (0: off).")
+
+
+def parse_remat_chunk(values) -> tuple:
+    """--remat_chunk as a tuple of chunk sizes (() = off)."""
+    chunks = tuple(int(v) for v in values)
+    return () if chunks in ((), (0,)) else chunks
 
 
 @flags.multi_flags_validator(["remat_chunk", "episode_length"],
-                             message="--remat_chunk must divide --episode_length.")
+                             message="--remat_chunk must be 0, or positive integers whose "
+                             "product divides --episode_length (e.g. 10 or 10,10).")
 def _check_chunk(d):
-    return not d["remat_chunk"] or d["episode_length"] % d["remat_chunk"] == 0
+    try:
+        chunks = parse_remat_chunk(d["remat_chunk"])
+    except ValueError:
+        return False
+    return all(k >= 1 for k in chunks) and d["episode_length"] % math.prod(chunks or (1,)) == 0
 
 
 @flags.validator("meta_optimizer", message="--meta_optimizer must be adam, sgd or an "
@@ -149,7 +166,18 @@ RUN_FLAGS = (
     "remat", "remat_chunk", "init_checkpoint", "seed", "checkpoint_every", "log_every",
     "eval_every", "eval_datasets", "eval_length", "eval_episodes", "workdir")
 SAFE_TO_CHANGE = loop.DEFAULT_SAFE_TO_CHANGE + ("eval_datasets", "eval_length",
-                                                "eval_episodes", "distributed")
+                                                "eval_episodes", "distributed",
+                                                "member_batch")
+
+
+def parse_member_batch(value: str):
+    """--member_batch: "auto" | "all" (-> None, vmap) | a positive integer."""
+    if value in ("auto", "all"):
+        return None if value == "all" else "auto"
+    if not value.isdigit() or int(value) < 1:
+        raise app.UsageError(f"--member_batch={value!r}: use auto, all or a positive "
+                             "integer.")
+    return int(value)
 
 
 def run_config() -> dict:
@@ -191,15 +219,57 @@ def vsml_config(input_size: int, num_classes: int) -> VSMLConfig:
         dtype=FLAGS.dtype)
 
 
+# Flags that describe the VS-ML architecture, by VSMLConfig field. With
+# --init_checkpoint the architecture comes from the checkpoint instead.
+ARCH_FLAGS = {"cell": "cell", "hidden_size": "hidden_size", "msg_size": "msg_size",
+              "micro_ticks": "micro_ticks", "backward_interaction": "backward_interaction",
+              "reduce": "reduce", "readout_scale": "readout_scale",
+              "readout_tanh": "readout_tanh", "error_scale": "error_scale",
+              "feed_label": "feed_label", "protocol": "protocol", "init_std": "init_std",
+              "tie_layers": "tie_layers", "coordinates": "coordinates", "dtype": "dtype"}
+
+
+def checkpoint_vsml_config(input_size: int) -> VSMLConfig:
+    """The VS-ML config of --init_checkpoint, run on `input_size` inputs.
+
+    Raises UsageError if an architecture flag given on the command line (or in
+    a flagfile) disagrees with the checkpoint: the stored V_M only makes sense
+    in the architecture it was trained in.
+    """
+    loaded = pretrained.load_learner(FLAGS.init_checkpoint, input_size=input_size)
+    if loaded.learner.name != FLAGS.learner:
+        raise app.UsageError(f"--init_checkpoint={FLAGS.init_checkpoint} holds a "
+                             f"{loaded.learner.name} learner, not --learner={FLAGS.learner}.")
+    cfg = loaded.learner.config
+    clashes = [f"--{flag}={FLAGS[flag].value} (checkpoint: {getattr(cfg, field)})"
+               for flag, field in ARCH_FLAGS.items()
+               if FLAGS[flag].present and FLAGS[flag].value != getattr(cfg, field)]
+    if FLAGS.layer_sizes and tuple(int(n) for n in FLAGS.layer_sizes) != cfg.layer_sizes:
+        clashes.append(f"--layer_sizes={','.join(FLAGS.layer_sizes)} (checkpoint with "
+                       f"this input size: {','.join(map(str, cfg.layer_sizes))})")
+    if clashes:
+        raise app.UsageError(
+            "the architecture comes from --init_checkpoint, but these flags disagree "
+            f"with it: {'; '.join(clashes)}. Drop them (or start from scratch).")
+    return cfg
+
+
 def build_learner(input_size: int, num_classes: int, train: bool = True) -> Learner:
-    """The learner named by --learner (remat only for the training unroll)."""
+    """The learner named by --learner (remat only for the training unroll).
+
+    A VS-ML learner takes its architecture from --init_checkpoint if given,
+    else from the flags.
+    """
     if FLAGS.learner == "meta_rnn":
         from vsml_jax.baselines.meta_rnn import meta_rnn_learner  # optional module
         return meta_rnn_learner(input_size, num_classes, FLAGS.hidden_size)
-    cfg = vsml_config(input_size, num_classes)
+    if FLAGS.init_checkpoint:
+        cfg = checkpoint_vsml_config(input_size)
+    else:
+        cfg = vsml_config(input_size, num_classes)
     kwargs = {}
-    if train and FLAGS.remat_chunk:
-        kwargs["remat_chunk"] = FLAGS.remat_chunk
+    if train and parse_remat_chunk(FLAGS.remat_chunk):
+        kwargs["remat_chunk"] = parse_remat_chunk(FLAGS.remat_chunk)
     elif train and FLAGS.remat:
         kwargs["remat"] = True
     return vsml_learner(cfg, **kwargs)
@@ -216,12 +286,18 @@ def learner_config_dict(learner: Learner) -> dict:
 
 
 def load_init_params(learner: Learner):
-    """Params of --init_checkpoint, in the structure of `learner`'s params."""
-    path = FLAGS.init_checkpoint
-    target = learner.init_params(jax.random.PRNGKey(0))
-    params, info = checkpointing.load_learner(path, target)
-    logging.info("Starting from the learner in %s (%s).", path, info.get("learner"))
-    return params
+    """Params of --init_checkpoint (a workdir or pretrained:NAME) for `learner`."""
+    input_size = learner.config.input_size
+    try:
+        loaded = pretrained.load_learner(FLAGS.init_checkpoint, input_size=input_size)
+    except pretrained.LearnerFileError as e:
+        raise app.UsageError(f"--init_checkpoint: {e}") from e
+    if loaded.learner.name != learner.name:
+        raise app.UsageError(f"--init_checkpoint={FLAGS.init_checkpoint} holds a "
+                             f"{loaded.learner.name} learner, not --learner={learner.name}.")
+    logging.info("Starting from the %s learner in %s.", loaded.learner.name,
+                 FLAGS.init_checkpoint)
+    return loaded.params
 
 
 def make_eval_fn(learner: Learner, params_of, input_pool: int):
@@ -280,7 +356,7 @@ def main(argv):
         init_fn = evolution.make_init_fn(learner, strategy, es_params, FLAGS.seed,
                                          init_params)
         step_fn = evolution.make_step_fn(learner, strategy, es_params, train_data, spec,
-                                         mesh)
+                                         mesh, parse_member_batch(FLAGS.member_batch))
         params_of = lambda state: evolution.mean_params(strategy, state)
 
     eval_fn = None

@@ -364,7 +364,7 @@ def test_remat_gives_same_loss_outputs_and_grads():
         params, state, data = setup(GRAD.replace(dtype="float64", state_clip=None), T=6)
         plain = loss_grad_and_outputs(params, state, data)
         assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(plain[1]))
-        for kwargs in (dict(remat=True), dict(remat_chunk=3)):
+        for kwargs in (dict(remat=True), dict(remat_chunk=3), dict(remat_chunk=(3, 2))):
             assert_trees_close(loss_grad_and_outputs(params, state, data, **kwargs), plain,
                                rtol=1e-10, atol=1e-12)
 
@@ -423,6 +423,8 @@ def test_bad_unroll_inputs_raise():
         vsml_jax.unroll(params, state, (x, y[:4]))
     with pytest.raises(ValueError, match="remat_chunk=3 must divide"):
         vsml_jax.unroll(params, state, (x, y), remat_chunk=3)
+    with pytest.raises(ValueError, match=r"product of remat_chunk=\(2, 3\) \(6\) must divide"):
+        vsml_jax.unroll(params, state, (x, y), remat_chunk=(2, 3))
     with pytest.raises(ValueError, match="impl='fastest' is unknown"):
         vsml_jax.unroll(params, state, (x, y), impl="fastest")
     # Streams mode without broadcasting the state to the K streams.

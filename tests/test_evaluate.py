@@ -1,4 +1,5 @@
 """Meta-test machinery: streams, metrics, learner files and the evaluate entry point."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -200,3 +201,148 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
         assert [row["lr"] for row in res["adam"]["lr_sweep"]] == [1e-3, 1e-2]
     for png in ("fig6.png", "window_accuracy.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------ held-out tests
+def _predict_vs_unroll(learner, params, x, y, state):
+    """([(predict on x_t from the state before step t, unroll's logits at t)], final state)."""
+    unroll, predict = jax.jit(learner.unroll), jax.jit(learner.predict)
+    pairs = []
+    for t in range(x.shape[0]):
+        before = predict(params, state, x)  # all inputs: row t is the one unroll sees
+        state, out = unroll(params, state, (x[t:t + 1], y[t:t + 1]))
+        pairs.append((np.asarray(before[t]), np.asarray(out.logits[0])))
+    return pairs, state
+
+
+@pytest.mark.parametrize("kind", ["adam", "tanh_sgd", "meta_rnn", "hebbian", "vsml"])
+def test_predict_is_the_prediction_unroll_makes(kind):
+    from vsml_jax.baselines import hebbian
+    data = toy_dataset(n=5)
+    x = data.images
+    y = jax.nn.one_hot(data.labels, 3)
+    learner = {
+        "adam": lambda: online_gd.online_gd_learner(8, 3, learning_rate=0.1),
+        "tanh_sgd": lambda: online_gd.tanh_linear_learner(8, 3, learning_rate=0.5),
+        "meta_rnn": lambda: meta_rnn.meta_rnn_learner(8, 3, hidden_size=4),
+        "hebbian": lambda: hebbian.hebbian_learner(8, 3, rule_hidden=4),
+        # predict_then_learn: a step's prediction is a pass with zero error, as predict's.
+        "vsml": lambda: vsml_learner(TINY.replace(protocol="predict_then_learn")),
+    }[kind]()
+    params = learner.init_params(jax.random.key(0))
+    state = learner.init_state(jax.random.key(1))
+    pairs, final = _predict_vs_unroll(learner, params, x, y, state)
+    for before, logits in pairs:
+        np.testing.assert_allclose(before, logits, rtol=1e-5, atol=1e-6)
+    # The state learned, so its predictions moved (the comparison above is not vacuous).
+    first, last = learner.predict(params, state, x), learner.predict(params, final, x)
+    assert first.shape == (5, 3) and not np.allclose(first, last)
+
+
+def test_vsml_predict_on_batch_averaged_state_uses_one_copy():
+    learner = vsml_learner(TINY)
+    params = learner.init_params(jax.random.key(0))
+    state = learner.init_state(jax.random.key(1))
+    x = toy_dataset(n=4).images
+    wide = vsml_jax.init_state_for_streams(state, 3)
+    np.testing.assert_allclose(learner.predict(params, wide, x),
+                               learner.predict(params, state, x), rtol=1e-6, atol=1e-6)
+
+
+def test_held_out_curve_in_pieces():
+    data, test, seeds = toy_dataset(), toy_dataset(n=30, seed=1), [3, 4]
+    streams = evaluation.make_streams(data, seeds, 7)
+    adam = online_gd.online_gd_learner(8, 3, learning_rate=0.05)
+    whole = evaluation.evaluate_learner(adam, None, streams, seeds)
+    lines = []
+    run = evaluation.evaluate_learner(adam, None, streams, seeds, chunk_size=2, log=lines.append,
+                                      held_out=(test.images, test.labels), held_out_every=3)
+    # Testing between pieces changes nothing online.
+    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(run.out)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(run.test_steps, [0, 3, 6, 7])
+    assert run.test_acc.shape == (2, 4)
+    assert any("held-out accuracy" in line for line in lines)
+    # Step 0 is the initial network of each seed on the held-out set.
+    for i, s in enumerate(seeds):
+        net = adam.init_state(evaluation.init_key(s)).net
+        pred = np.argmax(online_gd.apply_net(adam.config, net, test.images), -1)
+        assert run.test_acc[i, 0] == pytest.approx(np.mean(pred == np.asarray(test.labels)))
+    # One-hot labels give the same curve; at lr 0 the network never changes.
+    frozen = online_gd.tanh_linear_learner(8, 3, learning_rate=0.0)
+    one_hot = (test.images, jax.nn.one_hot(test.labels, 3))
+    res = evaluation.evaluate_method(frozen, None, streams, seeds, checkpoints=(3,), window=2,
+                                     held_out=one_hot, held_out_every=3)
+    np.testing.assert_allclose(res.test_acc, res.test_acc[:, :1] * np.ones((1, 4)))
+    assert {"test_acc@0", "test_acc@3", "test_acc@6", "test_acc@7",
+            "test_acc_final"} <= set(res.summary)
+    assert res.summary["test_acc_final"]["per_seed"] == pytest.approx(res.test_acc[:, -1])
+    moving = evaluation.evaluate_method(online_gd.tanh_linear_learner(8, 3, learning_rate=1.0),
+                                        None, streams, seeds, held_out=one_hot,
+                                        held_out_every=3)
+    assert not np.allclose(moving.test_acc, moving.test_acc[:, :1])
+
+
+    blind = dataclasses.replace(adam, predict=None)
+    with pytest.raises(ValueError, match="'adam' defines no `predict`"):
+        evaluation.evaluate_learner(blind, None, streams, seeds,
+                                    held_out=(test.images, test.labels))
+    with pytest.raises(ValueError, match=r"inputs \[N, 8\]"):
+        evaluation.evaluate_learner(adam, None, streams, seeds,
+                                    held_out=(test.images[:, :5], test.labels))
+
+
+def write_clone_files(directory, cfg, lr):
+    """A VS-ML learner whose learner.json says it was cloned to run SGD at `lr`."""
+    learner = vsml_learner(cfg)
+    config = dict(vars(cfg), layer_sizes=list(cfg.layer_sizes))
+    write_learner_files(directory, "vsml", config, learner.init_params(jax.random.key(0)),
+                        {"pool": 4})
+    path = os.path.join(directory, "learner.json")
+    with open(path) as f:
+        info = json.load(f)
+    info["clone"] = {"lr": lr}
+    with open(path, "w") as f:
+        json.dump(info, f)
+
+
+def test_evaluate_entry_point_held_out(tmp_path, data_dir):
+    cfg = vsml_jax.VSMLConfig(layer_sizes=(49, 10), hidden_size=4, msg_size=4, micro_ticks=1,
+                              protocol="predict_then_learn", error_scale=0.5)
+    write_clone_files(str(tmp_path / "clone"), cfg, lr=0.02)
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "experiments.evaluate", f"--checkpoint={tmp_path / 'clone'}",
+           "--datasets=mnist", "--episode_length=30", "--seeds=2", "--stream_batch=2",
+           "--baselines=tanh_sgd", "--tanh_sgd_lr=clone", "--tanh_sgd_init_scale=0",
+           "--test_every=15", "--test_examples=40", f"--data_dir={data_dir}",
+           f"--out_dir={out_dir}"]
+    # A VS-ML learner on batch-averaged streams (K = 2) and SGD at its cloned rate.
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "streams come from the train split" in proc.stdout
+
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["settings"]["split"] == "train"
+    assert summary["settings"]["held_out"] == {"every": 15, "examples": 40, "split": "test"}
+    curves = np.load(out_dir / "curves.npz")
+    res = summary["results"]["mnist"]
+    assert set(res) == {"vsml", "tanh_sgd"}
+    assert res["tanh_sgd"]["lr"] == pytest.approx(0.02 * 0.5)  # clone.lr x error_scale
+    assert res["tanh_sgd"]["lr_sweep"] is None
+    assert res["tanh_sgd"]["config"]["init_scale"] == 0.0
+    for method, r in res.items():
+        assert {"test_acc@0", "test_acc@15", "test_acc@30", "test_acc_final"} <= set(r["metrics"])
+        assert r["held_out"]["steps"] == [0, 15, 30]
+        assert r["held_out"]["examples_seen"] == [0, 30, 60]
+        acc = curves[f"mnist/{method}/test_acc"]
+        assert acc.shape == (2, 3)
+        assert r["metrics"]["test_acc_final"]["mean"] == pytest.approx(acc[:, -1].mean(),
+                                                                       abs=1e-6)
+    # From W = 0 every logit ties: the untrained SGD network predicts class 0.
+    assert res["tanh_sgd"]["metrics"]["test_acc@0"]["std"] == 0.0
+    assert (out_dir / "test_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Streams drawn from the held-out split are refused.
+    bad = cmd[:-1] + [f"--out_dir={tmp_path / 'bad'}", "--split=test"]
+    proc = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "would contain the held-out images" in proc.stderr

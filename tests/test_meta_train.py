@@ -136,6 +136,25 @@ def test_sharded_population_fitness_equals_unsharded(clusters):
         sharding.check_population_size(12, mesh)
 
 
+def test_member_batch_gives_the_same_fitness_as_vmap(clusters):
+    # lax.map over members (the CPU default) must not change what ES sees.
+    learner = vsml_learner(CFG)
+    init = learner.init_params(jax.random.PRNGKey(0))
+    strategy, es_params = evolution.make_strategy("cma_es", 6, init, sigma_init=0.1)
+    s = strategy.init(jax.random.PRNGKey(1), init, es_params)
+    population, _ = strategy.ask(jax.random.PRNGKey(2), s, es_params)
+    inputs, labels = sample_batch(jax.random.PRNGKey(3), clusters, SPEC)
+    key = jax.random.PRNGKey(4)
+    fit = jax.jit(evolution.population_fitness, static_argnums=(0, 4))
+    vmapped = fit(learner, population, key, (inputs, labels), None)
+    assert float(jnp.std(vmapped[0])) > 0  # members differ, so a mix-up would show
+    for member_batch in (1, 4):  # 4 does not divide 6: lax.map pads the remainder
+        mapped = fit(learner, population, key, (inputs, labels), member_batch)
+        np.testing.assert_allclose(np.asarray(mapped[0]), np.asarray(vmapped[0]), rtol=1e-6)
+    assert evolution.default_member_batch("cpu") == 1
+    assert evolution.default_member_batch("tpu") is None
+
+
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="cma_es"):
         evolution.strategy_class("cmaes_typo")

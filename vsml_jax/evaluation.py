@@ -14,18 +14,29 @@ With `stream_batch=K` every step feeds K examples ([S, T, K, D]): K copies of
 a VS-ML learner whose states are averaged after every step (the paper's
 batching), or a minibatch of K for online gradient descent.
 
+Held-out test curves (fig. 5): with `held_out=(inputs [N, D], labels [N])`
+the stream runs in pieces and after step 0 and every `held_out_every` steps
+each seed's current state classifies the N held-out inputs
+(`Learner.predict`, which learns nothing from them):
+
+    run = evaluate_learner(learner, params, streams, seeds,
+                           held_out=(x_test, y_test), held_out_every=500)
+    run.out, run.test_steps, run.test_acc     # StepOutput, [E], [S, E]
+
 Metrics (per seed, then mean and std over seeds):
   cum_acc@n        cumulative online accuracy: the fraction of correct
                    predictions among the first n steps (the fig. 6 y axis)
   final_window_acc accuracy over the last `window` steps
   mean_loss        mean online cross-entropy over the stream
+  test_acc@n       held-out accuracy of the state after n steps (if measured)
+  test_acc_final   held-out accuracy at the end of the stream
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -146,13 +157,65 @@ def _runner(unroll: Callable) -> Callable:
     return jax.jit(jax.vmap(unroll, in_axes=(None, 0, 0)))
 
 
+@functools.lru_cache(maxsize=64)
+def _tester(predict: Callable) -> Callable:
+    """jit of (params, states [S, ...], inputs [N, D], labels [N]) -> held-out
+    accuracy [S], vmapped over the seeds' states; cached per predict function."""
+    def accuracy(params, state, inputs, labels):
+        logits = predict(params, state, inputs)
+        return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    return jax.jit(jax.vmap(accuracy, in_axes=(None, 0, None, None)))
+
+
+@dataclasses.dataclass
+class HeldOutRun:
+    """What `evaluate_learner` returns when given held-out data.
+
+    Attributes:
+      out: the online StepOutput, exactly as without held-out data.
+      test_steps: int [E], steps after which the held-out set was classified
+        (0, held_out_every, 2 held_out_every, ..., and T).
+      test_acc: [S, E] held-out accuracy of each seed's state at those steps.
+    """
+    out: StepOutput
+    test_steps: np.ndarray
+    test_acc: np.ndarray
+
+
+def _held_out_arrays(learner: Learner, held_out: Tuple[Any, Any], width: int
+                     ) -> Tuple[jax.Array, jax.Array]:
+    """(inputs [N, D] float32, integer labels [N]) from held_out, checked."""
+    if learner.predict is None:
+        raise ValueError(f"learner {learner.name!r} defines no `predict`, so held-out "
+                         "accuracy cannot be measured for it; give it a Learner.predict "
+                         "or leave held_out=None.")
+    inputs, labels = held_out
+    inputs, labels = jnp.asarray(inputs, jnp.float32), jnp.asarray(labels)
+    if labels.ndim == 2:  # one-hot
+        labels = jnp.argmax(labels, axis=-1)
+    if inputs.ndim != 2 or inputs.shape[1] != width or labels.shape != inputs.shape[:1]:
+        raise ValueError(f"held_out has inputs {tuple(inputs.shape)} and labels "
+                         f"{tuple(labels.shape)}; expected inputs [N, {width}] (the "
+                         "streams' width) and labels [N] or one-hot [N, C].")
+    return inputs, labels.astype(jnp.int32)
+
+
+def _piece_ends(T: int, chunk: int, every: int) -> list:
+    """Steps where a piece of the stream ends: every multiple of `chunk` (for
+    progress lines and bounded memory) or `every` (a held-out test), and T."""
+    return sorted({*range(chunk, T, chunk), *range(every, T, every), T})
+
+
 def evaluate_learner(learner: Learner, params: Any, streams: Streams, seeds: Sequence[int],
                      *, stream_batch: int = 0, chunk_size: Optional[int] = None,
-                     log: Optional[Callable[[str], None]] = None) -> StepOutput:
+                     log: Optional[Callable[[str], None]] = None,
+                     held_out: Optional[Tuple[Any, Any]] = None,
+                     held_out_every: Optional[int] = None
+                     ) -> Union[StepOutput, HeldOutRun]:
     """Runs `learner` on every stream, all seeds at once (jit + vmap).
 
     Args:
-      learner: any Learner.
+      learner: any Learner (with `predict` if held_out is given).
       params: its meta variables (shared by all streams).
       streams: `IndexedStreams` from `make_streams`, or arrays (inputs
         [S, T, (K,) D], one-hot labels [S, T, (K,) C]).
@@ -160,18 +223,28 @@ def evaluate_learner(learner: Learner, params: Any, streams: Streams, seeds: Seq
       stream_batch: K if the streams carry K examples per step, else 0.
       chunk_size: run T in pieces of this many steps (carrying the state), so
         long streams report progress through `log`; the result is identical.
-      log: called with a progress line after each piece (if T > chunk_size).
+      log: called with a progress line after each piece (if T > chunk_size)
+        and after each held-out test.
+      held_out: optional (inputs [N, D], labels [N] or one-hot [N, C]): test
+        data that the learners classify but never learn from.
+      held_out_every: test on held_out after step 0, every this many steps
+        and after step T (None: after step 0 and T only). Pieces end at the
+        multiples of chunk_size and of held_out_every; the online outputs are
+        the same as without held-out data.
     Returns:
-      StepOutput as numpy arrays: logits [S, T, (K,) C], loss [S, T, (K)],
-      correct [S, T, (K)].
+      Without held_out, StepOutput as numpy arrays: logits [S, T, (K,) C],
+      loss [S, T, (K)], correct [S, T, (K)]. With held_out, a `HeldOutRun`
+      holding that StepOutput and the held-out curve.
     """
     if isinstance(streams, IndexedStreams):
         get, lead = streams.slice, streams.indices.shape
         expected_ndim = 3 if stream_batch else 2
+        width = streams.data.images.shape[-1]
     else:
         inputs, labels = streams
         get = lambda a, b: (inputs[:, a:b], labels[:, a:b])
         lead, expected_ndim = inputs.shape, 4 if stream_batch else 3
+        width = inputs.shape[-1]
     if lead[0] != len(seeds):
         raise ValueError(f"{lead[0]} streams but {len(seeds)} seeds; give one "
                          "seed per stream.")
@@ -180,21 +253,47 @@ def evaluate_learner(learner: Learner, params: Any, streams: Streams, seeds: Seq
                          f"{stream_batch} expected [S, T{', K' if stream_batch else ''}"
                          f"{'' if isinstance(streams, IndexedStreams) else ', D'}] "
                          "(see make_streams).")
-    state = init_states(learner, seeds, stream_batch)
-    run = _runner(learner.unroll)
     T = lead[1]
     chunk = T if not chunk_size else min(chunk_size, T)
+    if held_out is None and held_out_every is not None:
+        raise ValueError(f"held_out_every={held_out_every} without held_out: pass the "
+                         "held-out data as held_out=(inputs [N, D], labels [N]).")
+    if held_out is not None:
+        if held_out_every is not None and held_out_every < 1:
+            raise ValueError(f"held_out_every={held_out_every} must be >= 1 (or None: "
+                             "test only before and after the stream).")
+        every = min(held_out_every or T, T)
+        test_x, test_y = _held_out_arrays(learner, held_out, width)
+        test = _tester(learner.predict)
+    else:
+        every = T
+    state = init_states(learner, seeds, stream_batch)
+    run = _runner(learner.unroll)
     outs, t0 = [], time.perf_counter()
-    for start in range(0, T, chunk):
-        stop = min(start + chunk, T)
+    test_steps, test_acc = [], []
+    if held_out is not None:
+        test_steps.append(0)
+        test_acc.append(np.asarray(test(params, state, test_x, test_y)))
+    start = 0
+    for stop in _piece_ends(T, chunk, every):
         state, out = run(params, state, get(start, stop))
         outs.append(jax.device_get(out))
-        if log is not None and chunk < T:
+        start = stop
+        line = ""
+        if held_out is not None and (stop % every == 0 or stop == T):
+            test_steps.append(stop)
+            test_acc.append(np.asarray(test(params, state, test_x, test_y)))
+            line = f", held-out accuracy {np.mean(test_acc[-1]):.3f}"
+        if log is not None and ((chunk < T and (stop % chunk == 0 or stop == T)) or line):
             elapsed = time.perf_counter() - t0
             so_far = np.mean(np.concatenate([o.correct for o in outs], axis=1))
             log(f"{learner.name}: {stop}/{T} steps x {len(seeds)} seeds, {elapsed:.1f} s, "
-                f"online accuracy so far {so_far:.3f}")
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=1), *outs)
+                f"online accuracy so far {so_far:.3f}{line}")
+    out = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=1), *outs)
+    if held_out is None:
+        return out
+    return HeldOutRun(out=out, test_steps=np.asarray(test_steps, np.int64),
+                      test_acc=np.stack(test_acc, axis=1).astype(np.float64))
 
 
 # --------------------------------------------------------------- metrics
@@ -233,6 +332,15 @@ def online_metrics(out: StepOutput, checkpoints: Sequence[int] = DEFAULT_CHECKPO
     return metrics
 
 
+def held_out_metrics(test_steps: np.ndarray, test_acc: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per-seed metrics [S] of a held-out curve (steps [E], accuracy [S, E]):
+    test_acc@n after every tested step n, and test_acc_final (after the last)."""
+    test_acc = np.asarray(test_acc, np.float64)
+    metrics = {f"test_acc@{int(n)}": test_acc[:, e] for e, n in enumerate(test_steps)}
+    metrics["test_acc_final"] = test_acc[:, -1]
+    return metrics
+
+
 def summarize(per_seed: Dict[str, np.ndarray]) -> Dict[str, Dict[str, Any]]:
     """{metric: {"mean", "std" (over seeds, ddof=0), "per_seed"}}."""
     return {k: {"mean": float(np.mean(v)), "std": float(np.std(v)),
@@ -243,23 +351,37 @@ def summarize(per_seed: Dict[str, np.ndarray]) -> Dict[str, Dict[str, Any]]:
 class MethodResult:
     """Everything measured for one method on one dataset.
 
-    summary: from `summarize`; cum_acc, win_acc: [S, T] curves.
+    summary: from `summarize` (with held-out data also test_acc@n and
+    test_acc_final); cum_acc, win_acc: [S, T] online curves; test_steps [E]
+    and test_acc [S, E]: the held-out curve (None without held-out data).
     """
     summary: Dict[str, Dict[str, Any]]
     cum_acc: np.ndarray
     win_acc: np.ndarray
+    test_steps: Optional[np.ndarray] = None
+    test_acc: Optional[np.ndarray] = None
 
 
 def evaluate_method(learner: Learner, params: Any, streams: Streams, seeds: Sequence[int],
                     *, stream_batch: int = 0, checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS,
                     window: int = DEFAULT_WINDOW, chunk_size: Optional[int] = None,
-                    log: Optional[Callable[[str], None]] = None) -> MethodResult:
-    """`evaluate_learner` followed by the metrics and curves."""
-    out = evaluate_learner(learner, params, streams, seeds, stream_batch=stream_batch,
-                           chunk_size=chunk_size, log=log)
-    return MethodResult(summary=summarize(online_metrics(out, checkpoints, window)),
+                    log: Optional[Callable[[str], None]] = None,
+                    held_out: Optional[Tuple[Any, Any]] = None,
+                    held_out_every: Optional[int] = None) -> MethodResult:
+    """`evaluate_learner` followed by the metrics and curves (see there for
+    held_out and held_out_every)."""
+    run = evaluate_learner(learner, params, streams, seeds, stream_batch=stream_batch,
+                           chunk_size=chunk_size, log=log, held_out=held_out,
+                           held_out_every=held_out_every)
+    out = run if held_out is None else run.out
+    metrics = online_metrics(out, checkpoints, window)
+    if held_out is not None:
+        metrics.update(held_out_metrics(run.test_steps, run.test_acc))
+    return MethodResult(summary=summarize(metrics),
                         cum_acc=cumulative_accuracy(out.correct),
-                        win_acc=window_accuracy(out.correct, window))
+                        win_acc=window_accuracy(out.correct, window),
+                        test_steps=None if held_out is None else run.test_steps,
+                        test_acc=None if held_out is None else run.test_acc)
 
 
 # ----------------------------------------------------------- bookkeeping
@@ -288,6 +410,57 @@ def count_variables(learner: Learner, params: Any) -> Dict[str, int]:
     else:
         counts["learned_variables"] = counts["state_size"]
     return counts
+
+
+def clone_learning_rate(info: Dict[str, Any], cfg: Any) -> float:
+    """The SGD learning rate a cloned-backprop learner implements: the rate it
+    was cloned with (learner.json "clone": {"lr"}) times the error_scale it runs
+    with (the fed error is error_scale x dCE/dlogits). NaN if `info` has none.
+    """
+    lr = (info.get("clone") or {}).get("lr")
+    if lr is None:
+        return float("nan")
+    return float(lr) * float(getattr(cfg, "error_scale", 1.0))
+
+
+def plot_held_out_curves(panels: Dict[str, Dict[str, Tuple[np.ndarray, np.ndarray]]],
+                         path: str, *, xlabel: str = "examples seen",
+                         ylabel: str = "held-out accuracy", x_scale: int = 1) -> str:
+    """Saves one panel per dataset of held-out accuracy, mean +- std over seeds.
+
+    Args:
+      panels: {panel title: {method: (test_steps [E], test_acc [S, E])}}.
+      path: output image file.
+      xlabel, ylabel: axis labels.
+      x_scale: x = test_steps * x_scale (e.g. K examples per step).
+    Returns:
+      path.
+    """
+    # Not plotting.plot_learning_curves: that one draws dense per-step curves
+    # from step 1, these are sparse and start before the first step.
+    from vsml_jax import plotting  # imported here: it selects matplotlib's Agg backend
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6),
+                             squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(m for curves in panels.values() for m in curves))
+    for ax, (panel, curves) in zip(axes[0], panels.items()):
+        for method, (steps, acc) in curves.items():
+            mean, std = plotting.mean_std(acc)
+            x = np.asarray(steps) * x_scale
+            color = colors[methods.index(method) % len(colors)]
+            ax.plot(x, mean, label=method, color=color, lw=1.5, marker=".")
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def config_dict(cfg: Any) -> Any:

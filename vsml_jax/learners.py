@@ -6,23 +6,28 @@ Meta-training, evaluation and the baselines all speak to a `Learner`:
     state = learner.init_state(key)              # per-episode variables
     state, out = learner.unroll(params, state, (inputs [T, D], labels [T, C]))
     # out.logits [T, C], out.loss [T], out.correct [T]  (vsml_jax.StepOutput)
+    logits = learner.predict(params, state, test_inputs [N, D])   # [N, C]
 
 `unroll` must be pure (jit / vmap / grad), predict y_t before it is seen,
-and learn only from what the stream has shown so far.
+and learn only from what the stream has shown so far. `predict` (optional)
+classifies held-out inputs with the current state and leaves it unchanged, so
+test accuracy can be measured at any point of a stream.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 
 from vsml_jax.config import VSMLConfig
-from vsml_jax.network import StepOutput, unroll
+from vsml_jax.network import StepOutput, error_message, forward_pass, unroll
 from vsml_jax.params import init_params
 from vsml_jax.state import init_state
 
 Unroll = Callable[[Any, Any, Tuple[jax.Array, jax.Array]], Tuple[Any, StepOutput]]
+Predict = Callable[[Any, Any, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,20 +40,52 @@ class Learner:
       init_state: key -> per-episode state.
       unroll: (params, state, data) -> (state, StepOutput), pure.
       config: the static description of the learner (for checkpoints and logs).
+      predict: optional (params, state, inputs [N, D]) -> logits [N, C]: what
+        the current state predicts for N held-out inputs, without learning
+        from them (pure; the state is not returned). None if undefined.
     """
     name: str
     init_params: Callable[[jax.Array], Any]
     init_state: Callable[[jax.Array], Any]
     unroll: Unroll
     config: Any = None
+    predict: Optional[Predict] = None
 
 
 def vsml_learner(cfg: VSMLConfig, **unroll_kwargs) -> Learner:
     """The VS Meta RNN as a Learner (`unroll_kwargs` go to `vsml_jax.unroll`)."""
+    impl = unroll_kwargs.get("impl", "fast")
     return Learner(
         name="vsml",
         init_params=lambda key: init_params(key, cfg),
         init_state=lambda key: init_state(key, cfg),
         unroll=lambda params, state, data: unroll(params, state, data, **unroll_kwargs),
         config=cfg,
+        predict=lambda params, state, inputs: vsml_predict(params, state, inputs, impl),
     )
+
+
+def vsml_predict(params, state, inputs: jax.Array, impl: str = "fast") -> jax.Array:
+    """Logits [N, C] of a VS-ML state for held-out inputs [N, A0], state unchanged.
+
+    Each input gets one forward pass from the current cell states with a zero
+    error message: the prediction pass of the "predict_then_learn" protocol
+    (under "delayed_error" it is the step's prediction without the previous
+    step's error, which belongs to the stream, not to the test image). A state
+    with leading axis K (batch-averaged streams, `init_state_for_streams`)
+    holds K identical copies; copy 0 predicts.
+    """
+    cfg = params.cfg
+    if inputs.ndim != 2 or inputs.shape[-1] != cfg.input_size:
+        raise ValueError(f"vsml predict: inputs have shape {inputs.shape}; expected "
+                         f"[N, {cfg.input_size}] (layer_sizes={cfg.layer_sizes}).")
+    layers = state.layers
+    if state.error.ndim == 2:  # [K, C]: K averaged copies, all equal
+        layers = jax.tree_util.tree_map(lambda a: a[0], layers)
+    dtype = jnp.dtype(cfg.dtype)
+    zeros = jnp.zeros((cfg.num_classes,), dtype)
+    msg = error_message(cfg, zeros, zeros)
+    one = lambda x: forward_pass(params, layers, x, msg, impl)[1]
+    # One image at a time: vmapping over images multiplies the per-cell
+    # [A, B, 4H] temporaries and runs several times slower on CPU.
+    return jax.lax.map(one, inputs.astype(dtype))

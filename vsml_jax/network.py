@@ -14,8 +14,9 @@ Everything here is a pure function of arrays: it works under `jax.jit`,
 """
 from __future__ import annotations
 
+import math
 import types
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import chex
 import jax
@@ -183,7 +184,8 @@ def _check_data(cfg: VSMLConfig, state: VSMLState, inputs, labels) -> None:
 
 def unroll(params: VSMLParams, state: VSMLState,
            data: Tuple[jax.Array, jax.Array], *, impl: str = "fast",
-           remat: bool = False, remat_chunk: Optional[int] = None
+           remat: bool = False,
+           remat_chunk: Union[None, int, Sequence[int]] = None
            ) -> Tuple[VSMLState, StepOutput]:
     """Runs an online episode through the VS Meta RNN.
 
@@ -197,8 +199,9 @@ def unroll(params: VSMLParams, state: VSMLState,
         plain per-cell vmap, for tests and benchmarks).
       remat: rematerialise each step in the backward pass (memory O(T x |V_L|)
         carries instead of all residuals).
-      remat_chunk: two-level remat: store carries only every `remat_chunk`
+      remat_chunk: chunked remat: store carries only every `remat_chunk`
         steps (T must be a multiple); memory ~ (T / chunk + chunk) carries.
+        A tuple nests the chunks for long episodes (see `remat_chunks`).
     Returns:
       (final state, StepOutput with leaves stacked over time: logits [T, (K,) C],
       loss [T, (K)], correct [T, (K)]).
@@ -215,22 +218,47 @@ def unroll(params: VSMLParams, state: VSMLState,
 
     if remat or remat_chunk:
         body = jax.checkpoint(body)
-    if not remat_chunk:
-        return jax.lax.scan(body, state, (inputs, labels))
+    chunks = remat_chunks(remat_chunk, inputs.shape[0])
+    return _nested_scan(body, state, (inputs, labels), chunks)
 
-    T = inputs.shape[0]
-    if T % remat_chunk:
-        raise ValueError(f"unroll: remat_chunk={remat_chunk} must divide the episode "
-                         f"length T={T}.")
-    chunked = jax.tree_util.tree_map(
-        lambda a: a.reshape((T // remat_chunk, remat_chunk) + a.shape[1:]), (inputs, labels))
+
+def remat_chunks(remat_chunk: Union[None, int, Sequence[int]], T: int) -> Tuple[int, ...]:
+    """Validated chunk sizes of nested remat, innermost first (() = none).
+
+    remat_chunk=k stores carries every k steps (memory ~ T/k + k carries,
+    one extra forward pass); (k1, k2, ...) nests the chunks: the innermost
+    chunks of k1 steps are grouped k2 at a time, and so on (memory ~ T/(k1 k2)
+    + k2 + k1 carries for two levels, one more forward pass per level). Their
+    product must divide T.
+    """
+    if not remat_chunk:
+        return ()
+    chunks = (remat_chunk,) if isinstance(remat_chunk, int) else tuple(remat_chunk)
+    if any(int(k) < 1 for k in chunks) or T % math.prod(chunks):
+        what = f"remat_chunk={remat_chunk}" if len(chunks) == 1 else (
+            f"the product of remat_chunk={tuple(chunks)} ({math.prod(chunks)})")
+        raise ValueError(f"unroll: {what} must divide the episode length T={T} "
+                         "(chunks >= 1).")
+    return tuple(int(k) for k in chunks)
+
+
+def _nested_scan(body, carry, xs, chunks: Tuple[int, ...]):
+    """`lax.scan(body, carry, xs)` with a jax.checkpoint around each chunk level.
+
+    Same result as the plain scan; only what the backward pass stores changes.
+    xs leaves are [T, ...]; outputs are stacked over T as by scan.
+    """
+    if not chunks:
+        return jax.lax.scan(body, carry, xs)
+    k, T = chunks[0], jax.tree_util.tree_leaves(xs)[0].shape[0]
+    grouped = jax.tree_util.tree_map(lambda a: a.reshape((T // k, k) + a.shape[1:]), xs)
 
     @jax.checkpoint
-    def chunk_body(carry, xy_chunk):
-        return jax.lax.scan(body, carry, xy_chunk)
+    def chunk_body(c, x_chunk):
+        return jax.lax.scan(body, c, x_chunk)
 
-    state, out = jax.lax.scan(chunk_body, state, chunked)
-    return state, jax.tree_util.tree_map(lambda a: a.reshape((T,) + a.shape[2:]), out)
+    carry, out = _nested_scan(chunk_body, carry, grouped, chunks[1:])
+    return carry, jax.tree_util.tree_map(lambda a: a.reshape((T,) + a.shape[2:]), out)
 
 
 def init_state_for_streams(state: VSMLState, num_streams: int) -> VSMLState:

@@ -132,12 +132,23 @@ def unroll(cfg: HebbianConfig, theta: Dict[str, jax.Array], state: HebbianState,
     return jax.lax.scan(body, state, (inputs.astype(jnp.float32), labels.astype(jnp.float32)))
 
 
+def predict(cfg: HebbianConfig, state: HebbianState, inputs: jax.Array) -> jax.Array:
+    """Logits [N, C] = [x, 1] w of the current weights for inputs [N, D]."""
+    if inputs.ndim != 2 or inputs.shape[-1] != cfg.num_inputs:
+        raise ValueError(f"Hebbian predict: inputs have shape {inputs.shape}; expected "
+                         f"[N, {cfg.num_inputs}].")
+    x = inputs.astype(jnp.float32)
+    x1 = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)  # as in unroll
+    return x1 @ state.w
+
+
 def learner_from_config(cfg: HebbianConfig) -> Learner:
     """The Learner for a `HebbianConfig` (name "hebbian")."""
     return Learner(name="hebbian", init_params=lambda key: init_params(key, cfg),
                    init_state=lambda key: init_state(key, cfg),
                    unroll=lambda params, state, data: unroll(cfg, params, state, data),
-                   config=cfg)
+                   config=cfg,
+                   predict=lambda params, state, inputs: predict(cfg, state, inputs))
 
 
 def hebbian_learner(num_inputs: int, num_classes: int = 10, **config_fields: Any) -> Learner:

@@ -146,13 +146,29 @@ def unroll(cfg: MetaRNNConfig, params: Any, state: MetaRNNState,
     return jax.lax.scan(body, state, (inputs.astype(jnp.float32), labels.astype(jnp.float32)))
 
 
+def predict(cfg: MetaRNNConfig, params: Any, state: MetaRNNState,
+            inputs: jax.Array) -> jax.Array:
+    """Logits [N, C] for held-out inputs [N, D], the state unchanged.
+
+    Each x gets the read-out of one LSTM step from the current carry and
+    feedback (exactly the prediction `unroll` would make for x next); the new
+    carry is discarded, so the test inputs leave no trace.
+    """
+    if inputs.ndim != 2 or inputs.shape[-1] != cfg.num_inputs:
+        raise ValueError(f"Meta RNN predict: inputs have shape {inputs.shape}; expected "
+                         f"[N, {cfg.num_inputs}].")
+    one = lambda x: lstm_step(params, state.carry, jnp.concatenate([x, state.feedback]))[1]
+    return jax.vmap(one)(inputs.astype(jnp.float32))
+
+
 def learner_from_config(cfg: MetaRNNConfig) -> Learner:
     """The Learner for a `MetaRNNConfig` (name "meta_rnn")."""
     return Learner(name="meta_rnn",
                    init_params=lambda key: init_params(key, cfg),
                    init_state=lambda key: init_state(cfg),
                    unroll=lambda params, state, data: unroll(cfg, params, state, data),
-                   config=cfg)
+                   config=cfg,
+                   predict=lambda params, state, inputs: predict(cfg, params, state, inputs))
 
 
 def meta_rnn_learner(num_inputs: int, num_classes: int = 10, hidden_size: int = 64,

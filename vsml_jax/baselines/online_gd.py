@@ -199,10 +199,11 @@ def online_gd_learner(num_inputs: int, num_classes: int = 10, *, optimizer: str 
 def learner_from_config(cfg: OnlineGDConfig, name: str = "") -> Learner:
     """The Learner for an `OnlineGDConfig`."""
     default = cfg.optimizer + ("_mlp" if cfg.hidden_sizes else "")
+    without_lr = cfg.replace(learning_rate=0.0)
     return Learner(name=name or default, init_params=lambda key: None,
                    init_state=lambda key: init_state(key, cfg),
-                   unroll=_shared_unroll(cfg.replace(learning_rate=0.0)),
-                   config=cfg)
+                   unroll=_shared_unroll(without_lr),
+                   config=cfg, predict=_shared_predict(without_lr))
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,6 +211,18 @@ def _shared_unroll(cfg_without_lr: OnlineGDConfig) -> Callable:
     """One unroll function object per config up to the learning rate (which the
     state carries), so jit caches keyed on the function are shared."""
     return lambda params, state, data: unroll(cfg_without_lr, state, data)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_predict(cfg_without_lr: OnlineGDConfig) -> Callable:
+    """Learner.predict: logits [N, C] of the current network for inputs [N, D].
+
+    Shared per config up to the learning rate, like `_shared_unroll`. The state
+    has no stream axis even after minibatch steps (one network learns from K
+    examples per step).
+    """
+    return lambda params, state, inputs: apply_net(cfg_without_lr, state.net,
+                                                   inputs.astype(jnp.float32))
 
 
 def tanh_linear_learner(num_inputs: int, num_classes: int = 10, *,
