@@ -116,9 +116,13 @@ def gd_factory(kind: str, input_size: int, num_classes: int):
                                                   name=kind)
 
 
-def parse_baselines(specs: List[str]) -> List[Tuple[str, str, str]]:
-    """[(method label, kind, path or "")] from --baselines."""
-    out, labels = [], set()
+def parse_baselines(specs: List[str], taken: Tuple[str, ...] = ()) -> List[Tuple[str, str, str]]:
+    """[(method label, kind, path or "")] from --baselines.
+
+    Labels are unique, also against `taken` (the --checkpoint learner's name):
+    a second "vsml" becomes "vsml_2".
+    """
+    out, labels = [], set(taken)
     for spec in specs:
         kind, _, path = spec.partition(":")
         if kind in GD_KINDS and not path:
@@ -238,11 +242,11 @@ def main(argv):
                              "--sweep_seed_offset past --seed_offset + --seeds.")
     checkpoints = [int(c) for c in FLAGS.checkpoints]
     lrs = [float(x) for x in FLAGS.lrs]
-    baselines = parse_baselines(FLAGS.baselines)
+    probe = load_checkpoint(FLAGS.checkpoint, None) if FLAGS.checkpoint else None
+    baselines = parse_baselines(FLAGS.baselines, (probe.learner.name,) if probe else ())
     if not FLAGS.checkpoint and not baselines:
         raise app.UsageError("nothing to evaluate: give --checkpoint and/or --baselines.")
 
-    probe = load_checkpoint(FLAGS.checkpoint, None) if FLAGS.checkpoint else None
     pool = resolve_pool(probe)
     input_size = (28 // pool) ** 2
     split = stream_split()

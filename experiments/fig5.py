@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vsml_jax import data as vdata
-from vsml_jax import evaluation, pretrained
+from vsml_jax import cloning, evaluation, pretrained
 from vsml_jax.baselines import online_gd
 from vsml_jax.config import VSMLConfig
 from vsml_jax.learners import vsml_learner
@@ -60,6 +60,12 @@ flags.DEFINE_integer("stream_batch", 0, "0: one image per step (online); K > 0: 
 flags.DEFINE_float("sgd_lr", 0.0, "Learning rate of the SGD baseline (0: the clone's "
                    "effective rate clone.lr x error_scale).", lower_bound=0.0)
 flags.DEFINE_float("error_scale", 0.0, "Override the clone's error_scale (0: keep).",
+                   lower_bound=0.0)
+flags.DEFINE_list("hidden_sizes", [], "Stack the cloned cells into a deeper network "
+                  "with these hidden layers (e.g. 32): the stacked clone and SGD on the same "
+                  "network are drawn next to the single-layer ones.")
+flags.DEFINE_float("w_init_std", 0.1, "With --hidden_sizes: std of the initial weights of "
+                   "every layer, clone and SGD alike (the single layers start at 0).",
                    lower_bound=0.0)
 flags.DEFINE_string("data_dir", os.environ.get("VSML_DATA_DIR"), "IDX data folder.")
 flags.DEFINE_string("out_dir", None, "Where fig5.json and fig5.png go.")
@@ -102,6 +108,17 @@ def load_methods(input_size: int, num_classes: int = 10):
                                         init_scale=0.0)
     methods: Dict[str, Any] = {"cloned backprop": (clone, clone_params),
                                f"SGD (lr {sgd_lr:g})": (sgd, None)}
+    hidden = [int(n) for n in FLAGS.hidden_sizes]
+    if hidden:
+        try:
+            cfg = cloning.stacked_clone_config(clone.config, hidden, FLAGS.w_init_std)
+        except ValueError as e:
+            raise app.UsageError(f"--hidden_sizes: {e}") from e
+        arch = "-".join(map(str, cfg.layer_sizes))
+        methods[f"cloned backprop {arch}"] = (vsml_learner(cfg), clone_params.replace(cfg=cfg))
+        methods[f"SGD {arch} (lr {sgd_lr:g})"] = (online_gd.tanh_linear_learner(
+            input_size, num_classes, learning_rate=sgd_lr, hidden_sizes=hidden,
+            init_std=FLAGS.w_init_std), None)
     if FLAGS.improved_checkpoint:
         imp, imp_params, _ = load_clone(FLAGS.improved_checkpoint, input_size,
                                         FLAGS.error_scale)
@@ -161,7 +178,8 @@ def main(argv):
     with open(os.path.join(FLAGS.out_dir, "fig5.json"), "w") as f:
         json.dump({"flags": {k: FLAGS[k].value for k in (
             "checkpoint", "improved_checkpoint", "datasets", "pool", "steps", "eval_every",
-            "test_examples", "seeds", "stream_batch", "sgd_lr", "error_scale")},
+            "test_examples", "seeds", "stream_batch", "sgd_lr", "error_scale",
+            "hidden_sizes", "w_init_std")},
             "seeds": seeds, "std": "over seeds, ddof=0",
             "methods": meta, "summary": summary, "curves": curves}, f, indent=1)
     xlabel = ("training steps (one image each)" if not K else

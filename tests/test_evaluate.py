@@ -167,10 +167,15 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
     learner = vsml_learner(cfg)
     save_learner(str(tmp_path / "ckpt"), learner, learner.init_params(jax.random.key(0)),
                  {"pool": 4})
+    # A second VS-ML learner as a baseline: it must not replace the first.
+    other = vsml_learner(cfg.replace(hidden_size=8))
+    save_learner(str(tmp_path / "ckpt2"), other, other.init_params(jax.random.key(1)),
+                 {"pool": 4})
     out_dir = tmp_path / "out"
     cmd = [sys.executable, "-m", "experiments.evaluate", f"--checkpoint={tmp_path / 'ckpt'}",
            "--datasets=mnist,fashion_mnist", "--episode_length=50", "--seeds=2",
-           "--baselines=adam", "--lrs=1e-3,1e-2", "--sweep_seeds=2", "--chunk_size=25",
+           f"--baselines=adam,vsml:{tmp_path / 'ckpt2'}", "--lrs=1e-3,1e-2", "--sweep_seeds=2",
+           "--chunk_size=25",
            f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -184,7 +189,9 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
     curves = np.load(out_dir / "curves.npz")
     for dataset in ("mnist", "fashion_mnist"):
         res = summary["results"][dataset]
-        assert set(res) == {"vsml", "adam"}
+        assert set(res) == {"vsml", "vsml_2", "adam"}
+        assert res["vsml"]["config"]["hidden_size"] == 4
+        assert res["vsml_2"]["config"]["hidden_size"] == 8
         for method, r in res.items():
             assert set(r["metrics"]) == {"cum_acc@50", "final_window_acc", "mean_loss"}
             for v in r["metrics"].values():

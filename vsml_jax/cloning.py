@@ -172,10 +172,34 @@ def clone_config(layer_sizes=(784, 10), *, hidden_size: int = 32, msg_size: int 
         protocol="predict_then_learn")
 
 
+def stacked_clone_config(cfg: VSMLConfig, hidden_sizes, w_init_std: float) -> VSMLConfig:
+    """A cloned learner's config for a stack of layers (paper sec. 3.1, "stacking").
+
+    The same cells (tied V_M) run every layer of layer_sizes = (A, *hidden_sizes, C);
+    protocol "predict_then_backprop" gives the error e' the cells send backwards
+    one pass per layer to reach the layers below, and slot_messages passes
+    only y and e' between layers (the cells never saw the other message
+    slots filled), so the stack implements backprop through
+    y = tanh(... tanh(tanh(x) W1) ...) WL. The stored weights
+    start N(0, w_init_std^2) (true units) in every layer, which breaks the
+    symmetry between hidden units.
+    """
+    check_clone_config(cfg)
+    sizes = (cfg.layer_sizes[0],) + tuple(int(n) for n in hidden_sizes) + (cfg.num_classes,)
+    if any(n < 1 for n in sizes):
+        raise ValueError(f"stacked_clone_config: layer sizes {sizes} must be >= 1.")
+    return cfg.replace(layer_sizes=sizes, protocol="predict_then_backprop",
+                       slot_messages=True, init_std=w_init_std / cfg.readout_scale)
+
+
 def check_clone_config(cfg: VSMLConfig) -> None:
     """Raises ValueError if `cfg` breaks the conventions the clone relies on."""
-    want = dict(cell="lstm", reduce="sum", protocol="predict_then_learn",
-                backward_interaction=True, coordinates=False, feed_label=False)
+    want = dict(cell="lstm", reduce="sum", backward_interaction=True, coordinates=False,
+                feed_label=False)
+    if cfg.protocol not in ("predict_then_learn", "predict_then_backprop"):
+        raise ValueError(f"cloning: cfg.protocol={cfg.protocol!r} but the clone needs "
+                         "'predict_then_learn' (or 'predict_then_backprop' for stacked "
+                         "layers); build the config with clone_config().")
     for name, value in want.items():
         if getattr(cfg, name) != value:
             raise ValueError(f"cloning: cfg.{name}={getattr(cfg, name)!r} but the clone "

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 CELLS = ("lstm", "vanilla")
 REDUCTIONS = ("mean", "sum")
-PROTOCOLS = ("delayed_error", "predict_then_learn")
+PROTOCOLS = ("delayed_error", "predict_then_learn", "predict_then_backprop")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -52,9 +52,20 @@ class VSMLConfig:
         gives every layer its own V_M.
       coordinates: feed each cell its normalised coordinates a/A, b/B and its
         layer position (appendix C, "specialization").
+      slot_messages: between stacked layers pass only slot values: layer l+1
+        reads readout_scale x (slot output_slot of layer l's forward message)
+        on its input_slot, and layer l reads slot error_slot of layer l+1's
+        backward message; every other message entry is zero. This is the
+        convention of cloned learners (vsml_jax.cloning), whose cells were
+        never trained to see the other slots filled.
       protocol: "delayed_error": step t sees (x_t, e_{t-1}) and predicts y_t (the
         paper, sec. 3.2); "predict_then_learn": predict on (x_t, 0), then tick
-        again on (x_t, e_t).
+        again on (x_t, e_t); "predict_then_backprop": a predict tick of every
+        layer with no error anywhere, then one learn tick per layer from the
+        top down, layer l reading its predict-tick input and the backward
+        message layer l+1 sent after its learn tick, so the error reaches every
+        layer of a stack for the same x_t (backprop's backward pass; for one
+        layer it is predict_then_learn).
       param_init_scale: multiplies the default initialisation of V_M.
       dtype: float dtype of V_M and V_L ("bfloat16" is meant for accelerators).
     """
@@ -79,6 +90,7 @@ class VSMLConfig:
     init_random_fraction: float = 1.0
     tie_layers: bool = True
     coordinates: bool = False
+    slot_messages: bool = False
     protocol: str = "delayed_error"
     param_init_scale: float = 1.0
     dtype: str = "float32"

@@ -65,6 +65,11 @@ def error_message(cfg: VSMLConfig, error: jax.Array, label: jax.Array) -> jax.Ar
     return msg
 
 
+def _keep_slot(msg: jax.Array, slot: int) -> jax.Array:
+    """msg [N, m] with every entry but column `slot` set to zero."""
+    return jnp.zeros_like(msg).at[:, slot].set(msg[:, slot])
+
+
 def readout(cfg: VSMLConfig, out_msg: jax.Array) -> jax.Array:
     """[C] logits from the last layer's forward messages [C, m]."""
     value = out_msg[:, cfg.output_slot]
@@ -84,18 +89,52 @@ def forward_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Arra
 
     Returns: (new layer states, logits [C]).
     """
+    L = params.cfg.num_layers
+    bwd_ins = [_backward_input(params, layers, l, impl) for l in range(L - 1)] + [err_msg]
+    layers, logits, _ = _bottom_up(params, layers, x, bwd_ins, impl)
+    return layers, logits
+
+
+def _backward_input(params: VSMLParams, layers, l: int, impl: str) -> jax.Array:
+    """[B_l, m]: what layer l reads from layer l+1's backward messages."""
+    cfg = params.cfg
+    msg = _kernel(impl).backward_messages(params.layer(l + 1), cfg, layers[l + 1])
+    return _keep_slot(msg, cfg.error_slot) if cfg.slot_messages else msg
+
+
+def _bottom_up(params: VSMLParams, layers, x: jax.Array, bwd_ins, impl: str):
+    """One tick of every layer, bottom to top, with the given backward inputs.
+
+    Returns (new layer states, logits [C], the forward input each layer read).
+    """
     cfg, k = params.cfg, _kernel(impl)
-    L = cfg.num_layers
-    bwd_ins = [k.backward_messages(params.layer(l + 1), cfg, layers[l + 1])
-               for l in range(L - 1)] + [err_msg]
-    fwd_in = input_message(cfg, x)
-    new_layers = []
-    for l in range(L):
+    fwd_in, fwd_ins, new_layers = input_message(cfg, x), [], []
+    for l in range(cfg.num_layers):
         p = params.layer(l)
+        fwd_ins.append(fwd_in)
         s = k.layer_ticks(p, cfg, layers[l], fwd_in, bwd_ins[l], l)
         fwd_in = k.forward_messages(p, cfg, s)
+        if cfg.slot_messages and l < cfg.num_layers - 1:
+            fwd_in = input_message(cfg, cfg.readout_scale * fwd_in[:, cfg.output_slot])
         new_layers.append(s)
-    return tuple(new_layers), readout(cfg, fwd_in)
+    return tuple(new_layers), readout(cfg, fwd_in), fwd_ins
+
+
+def _top_down(params: VSMLParams, layers, fwd_ins, err_msg: jax.Array, impl: str):
+    """The learn sweep of "predict_then_backprop": one tick per layer, top first.
+
+    Layer l reads the forward input of its predict tick (fwd_ins[l]) and the
+    backward message layer l+1 sends *after* its own learn tick (the error
+    e_t at the top), so e_t reaches every layer within one step, as the
+    backward pass of backprop does. Returns the new layer states.
+    """
+    cfg, k = params.cfg, _kernel(impl)
+    layers, bwd = list(layers), err_msg
+    for l in reversed(range(cfg.num_layers)):
+        layers[l] = k.layer_ticks(params.layer(l), cfg, layers[l], fwd_ins[l], bwd, l)
+        if l > 0:
+            bwd = _backward_input(params, layers, l - 1, impl)
+    return tuple(layers)
 
 
 def _loss_and_error(cfg: VSMLConfig, logits: jax.Array, y: jax.Array):
@@ -114,12 +153,23 @@ def step(params: VSMLParams, state: VSMLState, x: jax.Array, y: jax.Array,
         err_msg = error_message(cfg, state.error, state.label)
         layers, logits = forward_pass(params, state.layers, x, err_msg, impl)
         loss, error, correct = _loss_and_error(cfg, logits, y)
-    else:  # predict_then_learn: predict with no feedback, then learn from e_t.
+    else:  # predict_then_*: predict with no feedback, then learn from e_t.
         zeros = jnp.zeros_like(state.error)
-        layers, logits = forward_pass(params, state.layers, x,
-                                      error_message(cfg, zeros, zeros), impl)
-        loss, error, correct = _loss_and_error(cfg, logits, y)
-        layers, _ = forward_pass(params, layers, x, error_message(cfg, error, y), impl)
+        no_error = error_message(cfg, zeros, zeros)
+        if cfg.protocol == "predict_then_learn":
+            layers, logits = forward_pass(params, state.layers, x, no_error, impl)
+            loss, error, correct = _loss_and_error(cfg, logits, y)
+            layers, _ = forward_pass(params, layers, x, error_message(cfg, error, y), impl)
+        else:
+            # predict_then_backprop: a predict tick of every layer with no
+            # error anywhere, then the learn sweep from the top (_top_down).
+            # Every layer ticks twice per example, (x, 0) then (x, e), which
+            # is what a cloned cell was trained on.
+            bwd_zeros = [jnp.zeros((n, cfg.msg_size), x.dtype) for n in cfg.layer_sizes[1:-1]]
+            layers, logits, fwd_ins = _bottom_up(params, state.layers, x,
+                                                 bwd_zeros + [no_error], impl)
+            loss, error, correct = _loss_and_error(cfg, logits, y)
+            layers = _top_down(params, layers, fwd_ins, error_message(cfg, error, y), impl)
     new_state = VSMLState(layers=layers, error=error, label=y.astype(error.dtype))
     return new_state, StepOutput(logits=logits, loss=loss, correct=correct)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,8 @@ class OnlineGDConfig:
       optimizer: "adam" or "sgd" (plain, no momentum).
       learning_rate: step size of the optimizer.
       init_scale: weights start N(0, init_scale^2 / fan_in); 0 starts at zero.
+      init_std: if set, weights start N(0, init_std^2) in every layer instead
+        (as a cloned learner's stored weights do, see cloning.stacked_clone_config).
         Biases start at zero.
     """
     num_inputs: int
@@ -60,6 +62,7 @@ class OnlineGDConfig:
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     init_scale: float = 1.0
+    init_std: Optional[float] = None
 
     # Evaluation reads this: inputs [T, K, D] are a minibatch of K per step
     # for one network, so the state needs no extra stream axis.
@@ -83,6 +86,8 @@ class OnlineGDConfig:
             bad(f"learning_rate={self.learning_rate} must be >= 0.")
         if self.init_scale < 0:
             bad(f"init_scale={self.init_scale} must be >= 0.")
+        if self.init_std is not None and self.init_std < 0:
+            bad(f"init_std={self.init_std} must be >= 0.")
 
     @property
     def layer_sizes(self) -> Tuple[int, ...]:
@@ -112,13 +117,15 @@ def make_optimizer(cfg: OnlineGDConfig) -> optax.GradientTransformation:
 
 
 def init_net(key: jax.Array, cfg: OnlineGDConfig) -> Dict[str, List[jax.Array]]:
-    """Weights N(0, init_scale^2 / fan_in) and zero biases, one pair per layer."""
+    """Weights N(0, init_scale^2 / fan_in) (or N(0, init_std^2)) and zero biases,
+    one pair per layer."""
     sizes = cfg.layer_sizes
     keys = jax.random.split(key, len(sizes) - 1)
     # Drawn flat then reshaped: the same numbers (threefry is partitionable by
     # default), and XLA on CPU compiles a 1-D draw several times faster than a
     # [D, 10] one.
-    ws = [cfg.init_scale / np.sqrt(n_in) *
+    std = lambda n_in: cfg.init_scale / np.sqrt(n_in) if cfg.init_std is None else cfg.init_std
+    ws = [std(n_in) *
           jax.random.normal(k, (n_in * n_out,), jnp.float32).reshape(n_in, n_out)
           for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])]
     bs = [jnp.zeros((n,), jnp.float32) for n in sizes[1:]]
@@ -226,10 +233,18 @@ def _shared_predict(cfg_without_lr: OnlineGDConfig) -> Callable:
 
 
 def tanh_linear_learner(num_inputs: int, num_classes: int = 10, *,
-                        learning_rate: float = 1e-2, init_scale: float = 1.0) -> Learner:
-    """y = tanh(x) W + b trained by plain online SGD (the network cloned in sec. 3.1)."""
+                        learning_rate: float = 1e-2, init_scale: float = 1.0,
+                        hidden_sizes: Sequence[int] = (),
+                        init_std: Optional[float] = None) -> Learner:
+    """y = tanh(x) W + b trained by plain online SGD (the network cloned in sec. 3.1).
+
+    With hidden_sizes (n1, ...) it is the stack of such layers that stacked
+    clones implement: y = tanh(... tanh(tanh(x) W1 + b1) ...) Wl + bl.
+    """
     cfg = OnlineGDConfig(num_inputs=num_inputs, num_classes=num_classes, input_tanh=True,
-                         optimizer="sgd", learning_rate=learning_rate, init_scale=init_scale)
+                         hidden_sizes=tuple(hidden_sizes), activation="tanh",
+                         optimizer="sgd", learning_rate=learning_rate, init_scale=init_scale,
+                         init_std=init_std)
     return learner_from_config(cfg, name="tanh_sgd")
 
 
