@@ -402,6 +402,12 @@ def _remat_label(row) -> str:
     return "step" if row["remat"] else "off"
 
 
+def _bptt_row_head(b: Dict) -> str:
+    """The "| sizes | impl | episodes x T | remat |" cells of a BPTT table row."""
+    return (f"| {b['sizes'][0]}->{b['sizes'][1]} | {b['impl']} | {b['episodes']} x {b['T']} "
+            f"| {_remat_label(b)} |")
+
+
 def _fmt_t(t: Dict) -> str:
     return f"{t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}]"
 
@@ -445,15 +451,12 @@ def to_markdown(r: Dict) -> str:
         lines += ["| BPTT meta-gradient | impl | episodes x T | remat | grad time | "
                   "forward time | grad/forward | steps/s | memory (MiB) |", "|---" * 9 + "|"]
         for b in r["bptt"]:
-            rm = _remat_label(b)
             if "skipped" in b:
-                lines.append(f"| {b['sizes'][0]}->{b['sizes'][1]} | {b['impl']} | "
-                             f"{b['episodes']} x {b['T']} | {rm} | not run: {b['skipped']} | "
-                             f"| | | {b['memory']['total_mib']:.0f} |")
+                lines.append(f"{_bptt_row_head(b)} not run: {b['skipped']} | | | | "
+                             f"{b['memory']['total_mib']:.0f} |")
                 continue
             lines.append(
-                f"| {b['sizes'][0]}->{b['sizes'][1]} | {b['impl']} | {b['episodes']} x {b['T']} "
-                f"| {rm} | {_fmt_t(b['grad_time'])} | {_fmt_t(b['forward_time'])} | "
+                f"{_bptt_row_head(b)} {_fmt_t(b['grad_time'])} | {_fmt_t(b['forward_time'])} | "
                 f"{b['grad_over_forward']:.2f} | {b['steps_per_s']:.3f} | "
                 f"{b['memory']['total_mib']:.0f} |")
         lines.append("")
@@ -461,10 +464,7 @@ def to_markdown(r: Dict) -> str:
         lines += ["| BPTT memory (compiled, MiB) | impl | episodes x T | remat | temp | "
                   "total |", "|---" * 6 + "|"]
         for b in r["memory"]:
-            rm = _remat_label(b)
-            lines.append(f"| {b['sizes'][0]}->{b['sizes'][1]} | {b['impl']} | "
-                         f"{b['episodes']} x {b['T']} | {rm} | {b['temp_mib']:.0f} | "
-                         f"{b['total_mib']:.0f} |")
+            lines.append(f"{_bptt_row_head(b)} {b['temp_mib']:.0f} | {b['total_mib']:.0f} |")
         lines.append("")
     if "population" in r:
         lines += ["| ES population | population | devices | how | time | episodes/s | "

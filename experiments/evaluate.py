@@ -50,10 +50,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Learner to meta-test: a meta_train workdir "
                     "(params.msgpack + learner.json) or pretrained:NAME. Optional if "
                     "only --baselines are evaluated.")
+flags.DEFINE_string("label", None, "Name of the --checkpoint learner in tables and plots "
+                    "(default: its kind, e.g. vsml).")
 flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Datasets to meta-test on.")
 flags.DEFINE_list("baselines", ["adam"], "Also evaluate: adam, sgd (online backprop, lr "
                   "swept), tanh_sgd (y = tanh(x) W + b with SGD), and meta-trained "
-                  "checkpoints as KIND:PATH with KIND in meta_rnn, hebbian, vsml.")
+                  "checkpoints as KIND:PATH with KIND in meta_rnn, hebbian, vsml; prefix "
+                  "LABEL= to name an entry (e.g. 'Meta RNN=meta_rnn:runs/mrnn').")
 flags.DEFINE_integer("episode_length", 1000, "N: steps per stream.", lower_bound=1)
 flags.DEFINE_integer("seeds", 10, "Streams (seeds) per dataset and method.", lower_bound=1)
 flags.DEFINE_integer("seed_offset", 0, "Streams use seeds seed_offset ... + seeds - 1.",
@@ -119,22 +122,22 @@ def gd_factory(kind: str, input_size: int, num_classes: int):
 def parse_baselines(specs: List[str], taken: Tuple[str, ...] = ()) -> List[Tuple[str, str, str]]:
     """[(method label, kind, path or "")] from --baselines.
 
-    Labels are unique, also against `taken` (the --checkpoint learner's name):
-    a second "vsml" becomes "vsml_2".
+    An entry is KIND or KIND:PATH, optionally prefixed by "LABEL=" (the name in
+    tables and plots). Labels are unique, also against `taken` (the
+    --checkpoint learner's label): a second "vsml" becomes "vsml_2".
     """
     out, labels = [], set(taken)
     for spec in specs:
-        kind, _, path = spec.partition(":")
-        if kind in GD_KINDS and not path:
-            label = kind
-        elif kind in CHECKPOINT_KINDS and path:
-            label = kind
-        else:
+        name, _, rest = spec.rpartition("=")
+        kind, _, path = rest.partition(":")
+        if not ((kind in GD_KINDS and not path) or (kind in CHECKPOINT_KINDS and path)):
             raise app.UsageError(
                 f"--baselines entry {spec!r} is not understood; use {', '.join(GD_KINDS)} "
                 f"or KIND:PATH with KIND in {', '.join(CHECKPOINT_KINDS)} (e.g. "
-                "meta_rnn:/path/to/meta_train/workdir).")
-        n = 2
+                "meta_rnn:/path/to/meta_train/workdir), optionally as LABEL=KIND[:PATH].")
+        if name and name in labels:
+            raise app.UsageError(f"--baselines: the label {name!r} is used twice.")
+        label, n = name or kind, 2
         while label in labels:
             label, n = f"{kind}_{n}", n + 1
         labels.add(label)
@@ -221,12 +224,13 @@ def format_table(dataset: str, results: Dict[str, Dict[str, Any]]) -> str:
     # JSON has them all, the table the final one.
     keys = [k for k in next(iter(results.values()))["metrics"]
             if not k.startswith("test_acc@")]
+    w = max([12] + [len(m) + 1 for m in results])
     lines = [f"== {dataset}: mean +- std over seeds",
-             f"{'method':<12}" + "".join(f"{k:>20}" for k in keys)]
+             f"{'method':<{w}}" + "".join(f"{k:>20}" for k in keys)]
     for method, res in results.items():
         cells = "".join(f"{res['metrics'][k]['mean']:>12.4f} +-{res['metrics'][k]['std']:6.4f}"
                         for k in keys)
-        lines.append(f"{method:<12}{cells}")
+        lines.append(f"{method:<{w}}{cells}")
     return "\n".join(lines)
 
 
@@ -243,7 +247,8 @@ def main(argv):
     checkpoints = [int(c) for c in FLAGS.checkpoints]
     lrs = [float(x) for x in FLAGS.lrs]
     probe = load_checkpoint(FLAGS.checkpoint, None) if FLAGS.checkpoint else None
-    baselines = parse_baselines(FLAGS.baselines, (probe.learner.name,) if probe else ())
+    main_label = (FLAGS.label or probe.learner.name) if probe else None
+    baselines = parse_baselines(FLAGS.baselines, (main_label,) if probe else ())
     if not FLAGS.checkpoint and not baselines:
         raise app.UsageError("nothing to evaluate: give --checkpoint and/or --baselines.")
 
@@ -256,7 +261,7 @@ def main(argv):
     # Every learner with meta variables, loaded at the streams' input size.
     learners: Dict[str, Any] = {}
     if probe is not None:
-        learners[probe.learner.name] = load_checkpoint(FLAGS.checkpoint, input_size)
+        learners[main_label] = load_checkpoint(FLAGS.checkpoint, input_size)
     for label, kind, path in baselines:
         if path:
             learners[label] = load_checkpoint(path, input_size, kind)

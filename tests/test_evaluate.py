@@ -174,7 +174,8 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
     out_dir = tmp_path / "out"
     cmd = [sys.executable, "-m", "experiments.evaluate", f"--checkpoint={tmp_path / 'ckpt'}",
            "--datasets=mnist,fashion_mnist", "--episode_length=50", "--seeds=2",
-           f"--baselines=adam,vsml:{tmp_path / 'ckpt2'}", "--lrs=1e-3,1e-2", "--sweep_seeds=2",
+           f"--baselines=adam,vsml:{tmp_path / 'ckpt2'},wide=vsml:{tmp_path / 'ckpt2'}",
+           "--lrs=1e-3,1e-2", "--sweep_seeds=2",
            "--chunk_size=25",
            f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -189,7 +190,8 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
     curves = np.load(out_dir / "curves.npz")
     for dataset in ("mnist", "fashion_mnist"):
         res = summary["results"][dataset]
-        assert set(res) == {"vsml", "vsml_2", "adam"}
+        assert set(res) == {"vsml", "vsml_2", "wide", "adam"}
+        assert res["wide"]["metrics"] == res["vsml_2"]["metrics"]  # same learner
         assert res["vsml"]["config"]["hidden_size"] == 4
         assert res["vsml_2"]["config"]["hidden_size"] == 8
         for method, r in res.items():

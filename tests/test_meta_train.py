@@ -112,15 +112,21 @@ def test_evolution_lowers_meta_loss(name, kwargs, clusters, fixed_eval):
     assert float(metrics["best_loss"]) <= float(metrics["pop_loss"])
 
 
-def test_sharded_population_fitness_equals_unsharded(clusters):
-    assert jax.device_count() == 8, "conftest should provide 8 CPU devices"
+def _population_problem(clusters, strategy_name: str, popsize: int):
+    """(learner, a population asked from a real evosax strategy, state key, episodes)."""
     learner = vsml_learner(CFG)
     init = learner.init_params(jax.random.PRNGKey(0))
-    strategy, es_params = evolution.make_strategy("open_es", 16, init, sigma_init=0.1)
+    strategy, es_params = evolution.make_strategy(strategy_name, popsize, init,
+                                                  sigma_init=0.1)
     s = strategy.init(jax.random.PRNGKey(1), init, es_params)
     population, _ = strategy.ask(jax.random.PRNGKey(2), s, es_params)
     inputs, labels = sample_batch(jax.random.PRNGKey(3), clusters, SPEC)
-    key = jax.random.PRNGKey(4)
+    return learner, population, jax.random.PRNGKey(4), inputs, labels
+
+
+def test_sharded_population_fitness_equals_unsharded(clusters):
+    assert jax.device_count() == 8, "conftest should provide 8 CPU devices"
+    learner, population, key, inputs, labels = _population_problem(clusters, "open_es", 16)
 
     fn = lambda pop, k, x, y: evolution.population_fitness(learner, pop, k, (x, y))
     plain = jax.jit(fn)(population, key, inputs, labels)
@@ -138,13 +144,7 @@ def test_sharded_population_fitness_equals_unsharded(clusters):
 
 def test_member_batch_gives_the_same_fitness_as_vmap(clusters):
     # lax.map over members (the CPU default) must not change what ES sees.
-    learner = vsml_learner(CFG)
-    init = learner.init_params(jax.random.PRNGKey(0))
-    strategy, es_params = evolution.make_strategy("cma_es", 6, init, sigma_init=0.1)
-    s = strategy.init(jax.random.PRNGKey(1), init, es_params)
-    population, _ = strategy.ask(jax.random.PRNGKey(2), s, es_params)
-    inputs, labels = sample_batch(jax.random.PRNGKey(3), clusters, SPEC)
-    key = jax.random.PRNGKey(4)
+    learner, population, key, inputs, labels = _population_problem(clusters, "cma_es", 6)
     fit = jax.jit(evolution.population_fitness, static_argnums=(0, 4))
     vmapped = fit(learner, population, key, (inputs, labels), None)
     assert float(jnp.std(vmapped[0])) > 0  # members differ, so a mix-up would show
