@@ -224,7 +224,8 @@ def _predict_vs_unroll(learner, params, x, y, state):
     return pairs, state
 
 
-@pytest.mark.parametrize("kind", ["adam", "tanh_sgd", "meta_rnn", "hebbian", "vsml"])
+@pytest.mark.parametrize("kind", ["adam", "tanh_sgd", "meta_rnn", "hebbian", "vsml",
+                                  "vsml_stacked"])
 def test_predict_is_the_prediction_unroll_makes(kind):
     from vsml_jax.baselines import hebbian
     data = toy_dataset(n=5)
@@ -237,6 +238,9 @@ def test_predict_is_the_prediction_unroll_makes(kind):
         "hebbian": lambda: hebbian.hebbian_learner(8, 3, rule_hidden=4),
         # predict_then_learn: a step's prediction is a pass with zero error, as predict's.
         "vsml": lambda: vsml_learner(TINY.replace(protocol="predict_then_learn")),
+        # Two layers: the prediction tick reads no backward messages at all.
+        "vsml_stacked": lambda: vsml_learner(TINY.replace(
+            layer_sizes=(8, 5, 3), protocol="predict_then_backprop", slot_messages=True)),
     }[kind]()
     params = learner.init_params(jax.random.key(0))
     state = learner.init_state(jax.random.key(1))

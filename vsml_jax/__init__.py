@@ -6,7 +6,7 @@
     state, out = vsml_jax.unroll(params, state, (inputs, labels))
 """
 from vsml_jax.config import VSMLConfig
-from vsml_jax.network import (StepOutput, forward_pass, init_state_for_streams,
+from vsml_jax.network import (StepOutput, forward_pass, init_state_for_streams, predict_pass,
                               meta_loss, step, unroll)
 from vsml_jax.params import CellParams, VSMLParams, count_meta_variables, init_params
 from vsml_jax.state import (LayerState, VSMLState, count_learned_variables, init_state,
@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "VSMLConfig", "VSMLParams", "CellParams", "VSMLState", "LayerState", "StepOutput",
     "init_params", "init_state", "init_states", "init_state_for_streams", "unroll",
-    "step", "forward_pass", "meta_loss", "count_meta_variables",
+    "step", "forward_pass", "predict_pass", "meta_loss", "count_meta_variables",
     "count_learned_variables",
 ]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vsml_jax.config import VSMLConfig
-from vsml_jax.network import StepOutput, error_message, forward_pass, unroll
+from vsml_jax.network import StepOutput, predict_pass, unroll
 from vsml_jax.params import init_params
 from vsml_jax.state import init_state
 
@@ -68,8 +68,8 @@ def vsml_learner(cfg: VSMLConfig, **unroll_kwargs) -> Learner:
 def vsml_predict(params, state, inputs: jax.Array, impl: str = "fast") -> jax.Array:
     """Logits [N, C] of a VS-ML state for held-out inputs [N, A0], state unchanged.
 
-    Each input gets one forward pass from the current cell states with a zero
-    error message: the prediction pass of the "predict_then_learn" protocol
+    Each input gets one `network.predict_pass` from the current cell states (no
+    error): the prediction pass of the "predict_then_*" protocols
     (under "delayed_error" it is the step's prediction without the previous
     step's error, which belongs to the stream, not to the test image). A state
     with leading axis K (batch-averaged streams, `init_state_for_streams`)
@@ -83,9 +83,7 @@ def vsml_predict(params, state, inputs: jax.Array, impl: str = "fast") -> jax.Ar
     if state.error.ndim == 2:  # [K, C]: K averaged copies, all equal
         layers = jax.tree_util.tree_map(lambda a: a[0], layers)
     dtype = jnp.dtype(cfg.dtype)
-    zeros = jnp.zeros((cfg.num_classes,), dtype)
-    msg = error_message(cfg, zeros, zeros)
-    one = lambda x: forward_pass(params, layers, x, msg, impl)[1]
+    one = lambda x: predict_pass(params, layers, x, impl)[1]
     # One image at a time: vmapping over images multiplies the per-cell
     # [A, B, 4H] temporaries and runs several times slower on CPU.
     return jax.lax.map(one, inputs.astype(dtype))

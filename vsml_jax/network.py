@@ -95,6 +95,30 @@ def forward_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Arra
     return layers, logits
 
 
+def predict_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Array,
+                 impl: str = "fast") -> Tuple[Tuple[LayerState, ...], jax.Array]:
+    """The no-error tick the predict_then_* protocols predict with: x [A0].
+
+    No error at the top; under "predict_then_backprop" no layer reads a
+    backward message either (the error sweep comes afterwards), otherwise the
+    lower layers read the messages of the layers above as in `forward_pass`.
+    Returns (new layer states, logits [C]).
+    """
+    layers, logits, _ = _predict_tick(params, layers, x, impl)
+    return layers, logits
+
+
+def _predict_tick(params: VSMLParams, layers, x: jax.Array, impl: str):
+    """`predict_pass`, also returning the forward input each layer read."""
+    cfg = params.cfg
+    zeros = jnp.zeros((cfg.num_classes,), x.dtype)
+    if cfg.protocol == "predict_then_backprop":
+        lower = [jnp.zeros((n, cfg.msg_size), x.dtype) for n in cfg.layer_sizes[1:-1]]
+    else:
+        lower = [_backward_input(params, layers, l, impl) for l in range(cfg.num_layers - 1)]
+    return _bottom_up(params, layers, x, lower + [error_message(cfg, zeros, zeros)], impl)
+
+
 def _backward_input(params: VSMLParams, layers, l: int, impl: str) -> jax.Array:
     """[B_l, m]: what layer l reads from layer l+1's backward messages."""
     cfg = params.cfg
@@ -154,22 +178,16 @@ def step(params: VSMLParams, state: VSMLState, x: jax.Array, y: jax.Array,
         layers, logits = forward_pass(params, state.layers, x, err_msg, impl)
         loss, error, correct = _loss_and_error(cfg, logits, y)
     else:  # predict_then_*: predict with no feedback, then learn from e_t.
-        zeros = jnp.zeros_like(state.error)
-        no_error = error_message(cfg, zeros, zeros)
+        layers, logits, fwd_ins = _predict_tick(params, state.layers, x, impl)
+        loss, error, correct = _loss_and_error(cfg, logits, y)
+        err_msg = error_message(cfg, error, y)
         if cfg.protocol == "predict_then_learn":
-            layers, logits = forward_pass(params, state.layers, x, no_error, impl)
-            loss, error, correct = _loss_and_error(cfg, logits, y)
-            layers, _ = forward_pass(params, layers, x, error_message(cfg, error, y), impl)
+            layers, _ = forward_pass(params, layers, x, err_msg, impl)
         else:
-            # predict_then_backprop: a predict tick of every layer with no
-            # error anywhere, then the learn sweep from the top (_top_down).
-            # Every layer ticks twice per example, (x, 0) then (x, e), which
-            # is what a cloned cell was trained on.
-            bwd_zeros = [jnp.zeros((n, cfg.msg_size), x.dtype) for n in cfg.layer_sizes[1:-1]]
-            layers, logits, fwd_ins = _bottom_up(params, state.layers, x,
-                                                 bwd_zeros + [no_error], impl)
-            loss, error, correct = _loss_and_error(cfg, logits, y)
-            layers = _top_down(params, layers, fwd_ins, error_message(cfg, error, y), impl)
+            # predict_then_backprop: after the no-error tick, the learn sweep
+            # from the top (_top_down). Every layer ticks twice per example,
+            # (x, 0) then (x, e), which is what a cloned cell was trained on.
+            layers = _top_down(params, layers, fwd_ins, err_msg, impl)
     new_state = VSMLState(layers=layers, error=error, label=y.astype(error.dtype))
     return new_state, StepOutput(logits=logits, loss=loss, correct=correct)
 
