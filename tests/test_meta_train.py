@@ -194,3 +194,18 @@ def test_entry_point_writes_portable_learner(tmp_path):
     assert info["flags"]["popsize"] == 8 and info["input"]["pool"] == 4
     assert json.load(open(os.path.join(workdir, "config.json")))["dataset"] == "synthetic"
     assert [r["step"] for r in loop.read_metrics(workdir)] == [1, 2]
+
+    # Continuing from it takes the architecture from the checkpoint (the flags
+    # left at their defaults would say hidden_size=16, micro_ticks=2) ...
+    data_flags = ("--dataset=synthetic", "--pool=4", "--synthetic_size=40")
+    cont = str(tmp_path / "cont")
+    result = _meta_train(f"--workdir={cont}", f"--init_checkpoint={workdir}", *data_flags,
+                         "--episode_length=5", "--batch_size=2", "--num_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, cont_cfg, _ = checkpointing.load_vsml_learner(cont)
+    assert (cont_cfg.hidden_size, cont_cfg.msg_size, cont_cfg.micro_ticks) == (2, 2, 1)
+    # ... and refuses an architecture flag that contradicts it.
+    clash = _meta_train(f"--workdir={tmp_path / 'clash'}", f"--init_checkpoint={workdir}",
+                        "--hidden_size=3", *data_flags)
+    assert clash.returncode != 0
+    assert "--hidden_size=3 (checkpoint: 2)" in clash.stderr
