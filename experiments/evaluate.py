@@ -365,7 +365,7 @@ def main(argv):
     files = {"figure": os.path.basename(fig), "window_figure": "window_accuracy.png",
              "curves": "curves.npz"}
     if test_every:
-        evaluation.plot_held_out_curves(test_panels, os.path.join(FLAGS.out_dir,
+        plotting.plot_held_out_curves(test_panels, os.path.join(FLAGS.out_dir,
                                                                   "test_accuracy.png"),
                                         xlabel=xlabel, x_scale=max(K, 1))
         files["test_figure"] = "test_accuracy.png"

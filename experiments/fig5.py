@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vsml_jax import data as vdata
-from vsml_jax import cloning, evaluation, pretrained
+from vsml_jax import cloning, evaluation, plotting, pretrained
 from vsml_jax.baselines import online_gd
 from vsml_jax.config import VSMLConfig
 from vsml_jax.learners import vsml_learner
@@ -185,7 +185,7 @@ def main(argv):
             "methods": meta, "summary": summary, "curves": curves}, f, indent=1)
     xlabel = ("training steps (one image each)" if not K else
               f"training steps ({K} images each, states averaged)")
-    evaluation.plot_held_out_curves(panels, os.path.join(FLAGS.out_dir, "fig5.png"),
+    plotting.plot_held_out_curves(panels, os.path.join(FLAGS.out_dir, "fig5.png"),
                                     xlabel=xlabel, ylabel="test accuracy")
     print(json.dumps(summary, indent=1))
 

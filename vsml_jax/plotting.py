@@ -74,3 +74,41 @@ def learning_curve_panels(results: Mapping[str, Mapping[str, np.ndarray]]
                           ) -> Dict[str, Dict[str, Curve]]:
     """{dataset: {method: curves [S, T]}} -> {dataset: {method: (mean, std)}}."""
     return {d: {m: mean_std(c) for m, c in methods.items()} for d, methods in results.items()}
+
+
+def plot_held_out_curves(panels: Dict[str, Dict[str, Tuple[np.ndarray, np.ndarray]]],
+                         path: str, *, xlabel: str = "examples seen",
+                         ylabel: str = "held-out accuracy", x_scale: int = 1) -> str:
+    """Saves one panel per dataset of held-out accuracy, mean +- std over seeds.
+
+    Args:
+      panels: {panel title: {method: (test_steps [E], test_acc [S, E])}}.
+      path: output image file.
+      xlabel, ylabel: axis labels.
+      x_scale: x = test_steps * x_scale (e.g. K examples per step).
+    Returns:
+      path.
+    """
+    # Not plot_learning_curves: that one draws dense per-step curves from
+    # step 1; these are sparse and start before the first step.
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6),
+                             squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(m for curves in panels.values() for m in curves))
+    for ax, (panel, curves) in zip(axes[0], panels.items()):
+        for method, (steps, acc) in curves.items():
+            mean, std = mean_std(acc)
+            x = np.asarray(steps) * x_scale
+            color = colors[methods.index(method) % len(colors)]
+            ax.plot(x, mean, label=method, color=color, lw=1.5, marker=".")
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
