@@ -212,11 +212,10 @@ def stream_split() -> str:
 def held_out_data(dataset: str, pool: int):
     """(images [N, D], labels [N]): the first --test_examples of --test_split."""
     data = make_dataset(dataset, FLAGS.test_split, data_dir=FLAGS.data_dir, pool=pool)
-    n = FLAGS.test_examples
-    if n > data.num_examples:
-        raise app.UsageError(f"--test_examples={n} but the {dataset} {FLAGS.test_split} "
-                             f"split has {data.num_examples} images.")
-    return data.images[:n], data.labels[:n]
+    try:
+        return evaluation.held_out_set(data, FLAGS.test_examples)
+    except ValueError as e:
+        raise app.UsageError(f"{dataset} {FLAGS.test_split}: {e}") from e
 
 
 def format_table(dataset: str, results: Dict[str, Dict[str, Any]]) -> str:

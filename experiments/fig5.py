@@ -131,12 +131,11 @@ def run_dataset(ds: str, methods: Dict[str, Any], seeds, K: int):
     """{method: MethodResult with the held-out curve} on one dataset."""
     train = vdata.make_dataset(ds, "train", data_dir=FLAGS.data_dir, pool=FLAGS.pool)
     test = vdata.make_dataset(ds, "test", data_dir=FLAGS.data_dir, pool=FLAGS.pool)
-    n = FLAGS.test_examples
-    if n > test.num_examples:
-        raise app.UsageError(f"--test_examples={n} but the {ds} test split has "
-                             f"{test.num_examples} images.")
+    try:
+        held_out = evaluation.held_out_set(test, FLAGS.test_examples)
+    except ValueError as e:
+        raise app.UsageError(f"{ds} test: {e}") from e
     streams = evaluation.make_streams(train, seeds, FLAGS.steps, stream_batch=K)
-    held_out = (test.images[:n], test.labels[:n])
     results = {}
     for name, (learner, params) in methods.items():
         results[name] = evaluation.evaluate_method(

@@ -22,13 +22,14 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from vsml_jax.config import CELLS, PROTOCOLS, REDUCTIONS, VSMLConfig
 from vsml_jax import pretrained
+from vsml_jax.config import CELLS, PROTOCOLS, REDUCTIONS, VSMLConfig
 from vsml_jax.learners import Learner, vsml_learner
 from vsml_jax.meta import sharding
 from vsml_jax.meta.objective import EpisodeSpec, meta_test_accuracy
@@ -229,18 +230,31 @@ ARCH_FLAGS = {"cell": "cell", "hidden_size": "hidden_size", "msg_size": "msg_siz
               "tie_layers": "tie_layers", "coordinates": "coordinates", "dtype": "dtype"}
 
 
-def checkpoint_vsml_config(input_size: int) -> VSMLConfig:
-    """The VS-ML config of --init_checkpoint, run on `input_size` inputs.
+def load_init_checkpoint(input_size: int) -> Optional[pretrained.LoadedLearner]:
+    """--init_checkpoint (a workdir or pretrained:NAME) loaded once, or None.
 
-    Raises UsageError if an architecture flag given on the command line (or in
-    a flagfile) disagrees with the checkpoint: the stored V_M only makes sense
-    in the architecture it was trained in.
+    Raises UsageError if it is unreadable, holds another kind of learner than
+    --learner, or (VS-ML) an architecture flag given on the command line or in a
+    flagfile disagrees with it: the stored V_M only makes sense in the
+    architecture it was trained in, which the run then keeps.
     """
-    loaded = pretrained.load_learner(FLAGS.init_checkpoint, input_size=input_size)
+    if not FLAGS.init_checkpoint:
+        return None
+    try:
+        loaded = pretrained.load_learner(FLAGS.init_checkpoint, input_size=input_size)
+    except pretrained.LearnerFileError as e:
+        raise app.UsageError(f"--init_checkpoint: {e}") from e
     if loaded.learner.name != FLAGS.learner:
         raise app.UsageError(f"--init_checkpoint={FLAGS.init_checkpoint} holds a "
                              f"{loaded.learner.name} learner, not --learner={FLAGS.learner}.")
-    cfg = loaded.learner.config
+    if isinstance(loaded.learner.config, VSMLConfig):
+        _check_architecture_flags(loaded.learner.config)
+    logging.info("Starting from the %s learner in %s.", loaded.learner.name,
+                 FLAGS.init_checkpoint)
+    return loaded
+
+
+def _check_architecture_flags(cfg: VSMLConfig) -> None:
     clashes = [f"--{flag}={FLAGS[flag].value} (checkpoint: {getattr(cfg, field)})"
                for flag, field in ARCH_FLAGS.items()
                if FLAGS[flag].present and FLAGS[flag].value != getattr(cfg, field)]
@@ -251,25 +265,23 @@ def checkpoint_vsml_config(input_size: int) -> VSMLConfig:
         raise app.UsageError(
             "the architecture comes from --init_checkpoint, but these flags disagree "
             f"with it: {'; '.join(clashes)}. Drop them (or start from scratch).")
-    return cfg
 
 
-def build_learner(input_size: int, num_classes: int, train: bool = True) -> Learner:
+def build_learner(input_size: int, num_classes: int, train: bool = True,
+                  init: Optional[pretrained.LoadedLearner] = None) -> Learner:
     """The learner named by --learner (remat only for the training unroll).
 
-    A VS-ML learner takes its architecture from --init_checkpoint if given,
-    else from the flags.
+    A VS-ML learner takes its architecture from `init` (the loaded
+    --init_checkpoint) if given, else from the flags.
     """
     if FLAGS.learner == "meta_rnn":
         from vsml_jax.baselines.meta_rnn import meta_rnn_learner  # optional module
         return meta_rnn_learner(input_size, num_classes, FLAGS.hidden_size)
-    if FLAGS.init_checkpoint:
-        cfg = checkpoint_vsml_config(input_size)
-    else:
-        cfg = vsml_config(input_size, num_classes)
+    cfg = init.learner.config if init is not None else vsml_config(input_size, num_classes)
     kwargs = {}
-    if train and parse_remat_chunk(FLAGS.remat_chunk):
-        kwargs["remat_chunk"] = parse_remat_chunk(FLAGS.remat_chunk)
+    chunks = parse_remat_chunk(FLAGS.remat_chunk)
+    if train and chunks:
+        kwargs["remat_chunk"] = chunks
     elif train and FLAGS.remat:
         kwargs["remat"] = True
     return vsml_learner(cfg, **kwargs)
@@ -283,21 +295,6 @@ def learner_config_dict(learner: Learner) -> dict:
         import dataclasses
         return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     return json.loads(json.dumps(cfg, default=str)) if cfg is not None else {}
-
-
-def load_init_params(learner: Learner):
-    """Params of --init_checkpoint (a workdir or pretrained:NAME) for `learner`."""
-    input_size = learner.config.input_size
-    try:
-        loaded = pretrained.load_learner(FLAGS.init_checkpoint, input_size=input_size)
-    except pretrained.LearnerFileError as e:
-        raise app.UsageError(f"--init_checkpoint: {e}") from e
-    if loaded.learner.name != learner.name:
-        raise app.UsageError(f"--init_checkpoint={FLAGS.init_checkpoint} holds a "
-                             f"{loaded.learner.name} learner, not --learner={learner.name}.")
-    logging.info("Starting from the %s learner in %s.", loaded.learner.name,
-                 FLAGS.init_checkpoint)
-    return loaded.params
 
 
 def make_eval_fn(learner: Learner, params_of, input_pool: int):
@@ -329,11 +326,12 @@ def main(argv):
     pool = int(FLAGS.pool)
     train_data = load_train_data(pool)
     num_classes, input_size = train_data.num_classes, train_data.input_dim
-    learner = build_learner(input_size, num_classes, train=True)
+    init = load_init_checkpoint(input_size)
+    learner = build_learner(input_size, num_classes, train=True, init=init)
     spec = EpisodeSpec(length=FLAGS.episode_length, batch=FLAGS.batch_size,
                        permute_labels=FLAGS.permute_labels,
                        random_projection=FLAGS.random_projection)
-    init_params = load_init_params(learner) if FLAGS.init_checkpoint else None
+    init_params = init.params if init is not None else None
 
     if FLAGS.meta_optimizer in GRADIENT_OPTIMIZERS:
         from vsml_jax.meta import gradient
@@ -361,7 +359,7 @@ def main(argv):
 
     eval_fn = None
     if FLAGS.eval_every:
-        eval_learner = build_learner(input_size, num_classes, train=False)
+        eval_learner = build_learner(input_size, num_classes, train=False, init=init)
         eval_fn = make_eval_fn(eval_learner, params_of, pool)
 
     logging.info("Meta-training %s (%s) in %s", learner.name, FLAGS.meta_optimizer,

@@ -107,6 +107,15 @@ def stream_indices(seed: int, num_examples: int, count: int) -> np.ndarray:
     return rng.integers(0, num_examples, count).astype(np.int32)
 
 
+def held_out_set(data: Dataset, n: int) -> Tuple[jax.Array, jax.Array]:
+    """(images [n, D], labels [n]): the first n examples of `data`, the fixed
+    held-out set a learner is tested on. ValueError if data has fewer."""
+    if n > data.num_examples:
+        raise ValueError(f"{n} held-out examples asked for, but the split has only "
+                         f"{data.num_examples}; lower --test_examples.")
+    return data.images[:n], data.labels[:n]
+
+
 def make_streams(data: Dataset, seeds: Sequence[int], length: int,
                  stream_batch: int = 0) -> IndexedStreams:
     """One random stream per seed, no label permutation.
