@@ -2,7 +2,7 @@
 
     python -m experiments.evaluate --checkpoint=WORKDIR|pretrained:NAME \
         --datasets=mnist,fashion_mnist --episode_length=2000 --seeds=10 \
-        --baselines=adam,sgd,meta_rnn:RNN_WORKDIR --out_dir=DIR
+        --baselines=adam,sgd,nearest_mean,meta_rnn:RNN_WORKDIR --out_dir=DIR
 
 Every method sees the same streams: for each seed, N examples of --split in
 random order (no label permutation), pooled to the learner's input size (the `pool`
@@ -42,7 +42,7 @@ import numpy as np
 from absl import app, flags
 
 from vsml_jax import evaluation, plotting
-from vsml_jax.baselines import online_gd
+from vsml_jax.baselines import nonparametric, online_gd
 from vsml_jax.data import make_dataset
 from vsml_jax.pretrained import LearnerFileError, load_learner
 
@@ -54,7 +54,8 @@ flags.DEFINE_string("label", None, "Name of the --checkpoint learner in tables a
                     "(default: its kind, e.g. vsml).")
 flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Datasets to meta-test on.")
 flags.DEFINE_list("baselines", ["adam"], "Also evaluate: adam, sgd (online backprop, lr "
-                  "swept), tanh_sgd (y = tanh(x) W + b with SGD), and meta-trained "
+                  "swept), tanh_sgd (y = tanh(x) W + b with SGD), nearest_mean, "
+                  "nearest_neighbour (non-parametric, nothing tuned), and meta-trained "
                   "checkpoints as KIND:PATH with KIND in meta_rnn, hebbian, vsml; prefix "
                   "LABEL= to name an entry (e.g. 'Meta RNN=meta_rnn:runs/mrnn').")
 flags.DEFINE_integer("episode_length", 1000, "N: steps per stream.", lower_bound=1)
@@ -100,6 +101,7 @@ flags.DEFINE_string("out_dir", None, "Where summary.json and the figures go.")
 flags.mark_flag_as_required("out_dir")
 
 GD_KINDS = ("adam", "sgd", "tanh_sgd")
+NONPARAMETRIC_KINDS = nonparametric.METHODS
 CHECKPOINT_KINDS = ("meta_rnn", "hebbian", "vsml")
 PANEL_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
@@ -130,9 +132,11 @@ def parse_baselines(specs: List[str], taken: Tuple[str, ...] = ()) -> List[Tuple
     for spec in specs:
         name, _, rest = spec.rpartition("=")
         kind, _, path = rest.partition(":")
-        if not ((kind in GD_KINDS and not path) or (kind in CHECKPOINT_KINDS and path)):
+        if not ((kind in GD_KINDS + NONPARAMETRIC_KINDS and not path)
+                or (kind in CHECKPOINT_KINDS and path)):
             raise app.UsageError(
-                f"--baselines entry {spec!r} is not understood; use {', '.join(GD_KINDS)} "
+                f"--baselines entry {spec!r} is not understood; use "
+                f"{', '.join(GD_KINDS + NONPARAMETRIC_KINDS)} "
                 f"or KIND:PATH with KIND in {', '.join(CHECKPOINT_KINDS)} (e.g. "
                 "meta_rnn:/path/to/meta_train/workdir), optionally as LABEL=KIND[:PATH].")
         if name and name in labels:
@@ -315,7 +319,12 @@ def main(argv):
             record(name, loaded.learner, loaded.params,
                    {"source": loaded.source, "trained_flags": loaded.info.get("flags", {})})
 
-        gd = [(label, kind) for label, kind, path in baselines if not path]
+        for label, kind, path in baselines:
+            if kind in NONPARAMETRIC_KINDS:
+                learner = nonparametric.nonparametric_learner(
+                    input_size, num_classes, method=kind, memory_size=N * max(K, 1))
+                record(label, learner, None, {"source": "non-parametric"})
+        gd = [(label, kind) for label, kind, path in baselines if kind in GD_KINDS]
         swept = [k for _, k in gd if not (k == "tanh_sgd" and tanh_sgd_lr is not None)]
         if swept and len(lrs) > 1:
             sweep_data = make_dataset(dataset, FLAGS.sweep_split, data_dir=FLAGS.data_dir,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vsml_jax import evaluation
-from vsml_jax.baselines import hebbian, meta_rnn, online_gd
+from vsml_jax.baselines import hebbian, meta_rnn, nonparametric, online_gd
 
 
 def separable_stream(seed, T=300, D=8, C=3, margin=3.0):
@@ -168,3 +168,58 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="expected \\[T, 8\\]"):
         learner.unroll(None, learner.init_state(jax.random.key(0)),
                        (jnp.zeros((3, 7)), jnp.zeros((3, 3))))
+
+
+def _nonparametric_by_hand(method, x, y):
+    """Step-by-step numpy predictions of nearest class mean / 1-NN; x [T, K, D]."""
+    preds, seen_x, seen_y = [], [], []
+    for xt, yt in zip(x, y):
+        row = []
+        for xk in xt:
+            if not seen_y:
+                row.append(0)  # nothing seen: every class scores 0, argmax is 0
+                continue
+            sx, sy = np.array(seen_x), np.array(seen_y)
+            if method == "nearest_mean":
+                classes = np.unique(sy)
+                d = [np.sum((sx[sy == c].mean(0) - xk) ** 2) for c in classes]
+                row.append(classes[int(np.argmin(d))])
+            else:
+                row.append(sy[int(np.argmin(np.sum((sx - xk) ** 2, -1)))])
+        preds.append(row)
+        seen_x += list(xt)
+        seen_y += list(yt)
+    return np.array(preds)
+
+
+@pytest.mark.parametrize("method", nonparametric.METHODS)
+@pytest.mark.parametrize("K", [0, 2])
+def test_nonparametric_learners_match_a_numpy_loop(method, K):
+    rng = np.random.default_rng(3)
+    T, D, C = 30, 6, 4
+    labels = rng.integers(0, C, (T, max(K, 1)))
+    x = rng.standard_normal((T, max(K, 1), D)) + 3.0 * np.eye(C, D)[labels]
+    expected = _nonparametric_by_hand(method, x, labels)
+    learner = nonparametric.nonparametric_learner(D, C, method=method, memory_size=T * 2)
+    xs, ys = jnp.asarray(x, jnp.float32), jax.nn.one_hot(labels, C)
+    if not K:
+        xs, ys, expected = xs[:, 0], ys[:, 0], expected[:, 0]
+    state, out = jax.jit(learner.unroll)(None, learner.init_state(None), (xs, ys))
+    np.testing.assert_array_equal(np.argmax(out.logits, -1), expected)
+    assert out.correct.shape == expected.shape and np.isfinite(out.loss).all()
+    # It learned something on these blobs, far above chance 1/C.
+    assert float(np.mean(out.correct[T // 2:])) > 0.7
+    # predict = what the next step would score.
+    probe = jnp.asarray(rng.standard_normal((5, D)), jnp.float32)
+    _, nxt = learner.unroll(None, state, (probe[:1], jax.nn.one_hot(jnp.zeros(1, int), C)))
+    np.testing.assert_allclose(learner.predict(None, state, probe)[:1], nxt.logits,
+                               rtol=1e-6)
+
+
+def test_nearest_neighbour_memory_must_hold_the_stream():
+    learner = nonparametric.nearest_neighbour_learner(4, 3, memory_size=5)
+    x, y = jnp.zeros((6, 4)), jax.nn.one_hot(jnp.zeros(6, int), 3)
+    with pytest.raises(ValueError, match="memory_size >= 6"):
+        learner.unroll(None, learner.init_state(None), (x, y))
+    with pytest.raises(ValueError, match="method='knn'"):
+        nonparametric.NonparametricConfig(num_inputs=4, method="knn")

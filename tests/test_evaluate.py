@@ -174,7 +174,8 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
     out_dir = tmp_path / "out"
     cmd = [sys.executable, "-m", "experiments.evaluate", f"--checkpoint={tmp_path / 'ckpt'}",
            "--datasets=mnist,fashion_mnist", "--episode_length=50", "--seeds=2",
-           f"--baselines=adam,vsml:{tmp_path / 'ckpt2'},wide=vsml:{tmp_path / 'ckpt2'}",
+           f"--baselines=adam,vsml:{tmp_path / 'ckpt2'},wide=vsml:{tmp_path / 'ckpt2'},"
+           "nearest_mean,nearest_neighbour",
            "--lrs=1e-3,1e-2", "--sweep_seeds=2",
            "--chunk_size=25",
            f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
@@ -190,7 +191,8 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
     curves = np.load(out_dir / "curves.npz")
     for dataset in ("mnist", "fashion_mnist"):
         res = summary["results"][dataset]
-        assert set(res) == {"vsml", "vsml_2", "wide", "adam"}
+        assert set(res) == {"vsml", "vsml_2", "wide", "adam", "nearest_mean",
+                            "nearest_neighbour"}
         assert res["wide"]["metrics"] == res["vsml_2"]["metrics"]  # same learner
         assert res["vsml"]["config"]["hidden_size"] == 4
         assert res["vsml_2"]["config"]["hidden_size"] == 8
@@ -208,6 +210,8 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
         assert res["vsml"]["config"]["layer_sizes"] == [49, 10]
         assert res["adam"]["lr"] in (1e-3, 1e-2)
         assert [row["lr"] for row in res["adam"]["lr_sweep"]] == [1e-3, 1e-2]
+        # 1-NN holds the whole stream: 50 examples of 49 pooled pixels.
+        assert res["nearest_neighbour"]["counts"]["state_size"] >= 50 * 49
     for png in ("fig6.png", "window_accuracy.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
