@@ -234,9 +234,9 @@ def load_init_checkpoint(input_size: int) -> Optional[pretrained.LoadedLearner]:
     """--init_checkpoint (a workdir or pretrained:NAME) loaded once, or None.
 
     Raises UsageError if it is unreadable, holds another kind of learner than
-    --learner, or (VS-ML) an architecture flag given on the command line or in a
-    flagfile disagrees with it: the stored V_M only makes sense in the
-    architecture it was trained in, which the run then keeps.
+    --learner, or an architecture flag given on the command line or in a
+    flagfile disagrees with it: the stored meta variables only make sense in
+    the architecture they were trained in, which the run then keeps.
     """
     if not FLAGS.init_checkpoint:
         return None
@@ -247,18 +247,26 @@ def load_init_checkpoint(input_size: int) -> Optional[pretrained.LoadedLearner]:
     if loaded.learner.name != FLAGS.learner:
         raise app.UsageError(f"--init_checkpoint={FLAGS.init_checkpoint} holds a "
                              f"{loaded.learner.name} learner, not --learner={FLAGS.learner}.")
-    if isinstance(loaded.learner.config, VSMLConfig):
-        _check_architecture_flags(loaded.learner.config)
+    _check_architecture_flags(loaded.learner.config)
     logging.info("Starting from the %s learner in %s.", loaded.learner.name,
                  FLAGS.init_checkpoint)
     return loaded
 
 
-def _check_architecture_flags(cfg: VSMLConfig) -> None:
+# The Meta RNN's architecture flags (MetaRNNConfig field by flag).
+META_RNN_ARCH_FLAGS = {"hidden_size": "hidden_size"}
+
+
+def _check_architecture_flags(cfg) -> None:
+    """UsageError if an architecture flag that was given disagrees with `cfg`
+    (the VSMLConfig or MetaRNNConfig stored in --init_checkpoint)."""
+    vsml = isinstance(cfg, VSMLConfig)
+    arch = ARCH_FLAGS if vsml else META_RNN_ARCH_FLAGS
     clashes = [f"--{flag}={FLAGS[flag].value} (checkpoint: {getattr(cfg, field)})"
-               for flag, field in ARCH_FLAGS.items()
+               for flag, field in arch.items()
                if FLAGS[flag].present and FLAGS[flag].value != getattr(cfg, field)]
-    if FLAGS.layer_sizes and tuple(int(n) for n in FLAGS.layer_sizes) != cfg.layer_sizes:
+    if (vsml and FLAGS.layer_sizes
+            and tuple(int(n) for n in FLAGS.layer_sizes) != cfg.layer_sizes):
         clashes.append(f"--layer_sizes={','.join(FLAGS.layer_sizes)} (checkpoint with "
                        f"this input size: {','.join(map(str, cfg.layer_sizes))})")
     if clashes:
@@ -271,10 +279,12 @@ def build_learner(input_size: int, num_classes: int, train: bool = True,
                   init: Optional[pretrained.LoadedLearner] = None) -> Learner:
     """The learner named by --learner (remat only for the training unroll).
 
-    A VS-ML learner takes its architecture from `init` (the loaded
-    --init_checkpoint) if given, else from the flags.
+    The architecture comes from `init` (the loaded --init_checkpoint) if
+    given, else from the flags.
     """
     if FLAGS.learner == "meta_rnn":
+        if init is not None:
+            return init.learner
         from vsml_jax.baselines.meta_rnn import meta_rnn_learner  # optional module
         return meta_rnn_learner(input_size, num_classes, FLAGS.hidden_size)
     cfg = init.learner.config if init is not None else vsml_config(input_size, num_classes)

@@ -209,3 +209,22 @@ def test_entry_point_writes_portable_learner(tmp_path):
                         "--hidden_size=3", *data_flags)
     assert clash.returncode != 0
     assert "--hidden_size=3 (checkpoint: 2)" in clash.stderr
+
+
+def test_meta_rnn_continues_in_its_checkpoint_architecture(tmp_path):
+    data_flags = ("--learner=meta_rnn", "--dataset=synthetic", "--pool=4",
+                  "--synthetic_size=40", "--episode_length=5", "--batch_size=2",
+                  "--num_steps=1", "--checkpoint_every=1")
+    first = str(tmp_path / "first")
+    result = _meta_train(f"--workdir={first}", "--hidden_size=4", *data_flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Without --hidden_size the flag default (16) would not fit the stored weights.
+    cont = str(tmp_path / "cont")
+    result = _meta_train(f"--workdir={cont}", f"--init_checkpoint={first}", *data_flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.load(open(os.path.join(cont, "learner.json")))
+    assert info["learner"] == "meta_rnn" and info["config"]["hidden_size"] == 4
+    clash = _meta_train(f"--workdir={tmp_path / 'clash'}", f"--init_checkpoint={first}",
+                        "--hidden_size=5", *data_flags)
+    assert clash.returncode != 0
+    assert "--hidden_size=5 (checkpoint: 4)" in clash.stderr
