@@ -14,6 +14,10 @@ with no sweep). With --stream_batch=K every step feeds K examples: K copies
 of a VS-ML learner with averaged states, a minibatch of K for Adam/SGD (T x K
 examples per stream, drawn with replacement beyond the split's size).
 
+With --shuffle_pixels=S every image's pixels are shuffled by one fixed
+permutation: a learner that does not use where a pixel is (VS-ML without
+coordinates, nearest mean / neighbour) scores the same as without.
+
 Held-out test curves: with --test_every=M every learner also classifies the
 first --test_examples images of --test_split after step 0 and every M steps
 (learning nothing from them); the streams then come from the training split.
@@ -33,6 +37,7 @@ and prints a table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -43,7 +48,7 @@ from absl import app, flags
 
 from vsml_jax import evaluation, plotting
 from vsml_jax.baselines import nonparametric, online_gd
-from vsml_jax.data import make_dataset
+from vsml_jax.data import Dataset, make_dataset
 from vsml_jax.pretrained import LearnerFileError, load_learner
 
 FLAGS = flags.FLAGS
@@ -66,6 +71,10 @@ flags.DEFINE_string("split", "test", "Split the streams are drawn from (left at 
                     "default with --test_every > 0: train).")
 flags.DEFINE_integer("pool", -1, "Average-pool images by this factor (1: 784 inputs, "
                      "2: 196, 4: 49); -1 uses the checkpoint's.")
+flags.DEFINE_integer("shuffle_pixels", -1, "S >= 0: shuffle the input pixels of every "
+                     "image (streams, sweep and held-out) by one fixed permutation drawn "
+                     "with seed S, to test whether a learner uses where a pixel is "
+                     "(-1: off).", lower_bound=-1)
 flags.DEFINE_integer("stream_batch", 0, "K > 0: feed K examples per step (batch-averaged "
                      "VS-ML states / minibatch for Adam, SGD).", lower_bound=0)
 flags.DEFINE_list("lrs", ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1",
@@ -213,9 +222,19 @@ def stream_split() -> str:
     return FLAGS.split
 
 
+def load_data(dataset: str, split: str, pool: int) -> Dataset:
+    """A split, pooled, with its pixels shuffled if --shuffle_pixels asks for it
+    (the same permutation for every split and data set of the same size)."""
+    data = make_dataset(dataset, split, data_dir=FLAGS.data_dir, pool=pool)
+    if FLAGS.shuffle_pixels < 0:
+        return data
+    perm = np.random.default_rng(FLAGS.shuffle_pixels).permutation(data.input_dim)
+    return dataclasses.replace(data, images=data.images[:, perm])
+
+
 def held_out_data(dataset: str, pool: int):
     """(images [N, D], labels [N]): the first --test_examples of --test_split."""
-    data = make_dataset(dataset, FLAGS.test_split, data_dir=FLAGS.data_dir, pool=pool)
+    data = load_data(dataset, FLAGS.test_split, pool)
     try:
         return evaluation.held_out_set(data, FLAGS.test_examples)
     except ValueError as e:
@@ -285,7 +304,7 @@ def main(argv):
             f"N={N}, {len(seeds)} seeds{f', {K} examples per step' if K else ''}"
             + (f", held-out test every {test_every} steps on {FLAGS.test_examples} "
                f"{FLAGS.test_split} images" if test_every else "") + ")")
-        data = make_dataset(dataset, split, data_dir=FLAGS.data_dir, pool=pool)
+        data = load_data(dataset, split, pool)
         streams = evaluation.make_streams(data, seeds, N, stream_batch=K)
         eval_kwargs = dict(stream_batch=K, checkpoints=checkpoints, window=FLAGS.window,
                            chunk_size=FLAGS.chunk_size, log=log)
@@ -327,8 +346,7 @@ def main(argv):
         gd = [(label, kind) for label, kind, path in baselines if kind in GD_KINDS]
         swept = [k for _, k in gd if not (k == "tanh_sgd" and tanh_sgd_lr is not None)]
         if swept and len(lrs) > 1:
-            sweep_data = make_dataset(dataset, FLAGS.sweep_split, data_dir=FLAGS.data_dir,
-                                      pool=pool)
+            sweep_data = load_data(dataset, FLAGS.sweep_split, pool)
             sweep_streams = evaluation.make_streams(
                 sweep_data, sweep_seeds, FLAGS.sweep_length or N, stream_batch=K)
         for label, kind in gd:
@@ -384,6 +402,7 @@ def main(argv):
             "datasets": FLAGS.datasets, "split": split, "episode_length": N,
             "seeds": seeds, "pool": pool, "input_size": input_size, "stream_batch": K,
             "checkpoints": checkpoints, "window": FLAGS.window, "std": "over seeds, ddof=0",
+            "shuffle_pixels": FLAGS.shuffle_pixels,
             "lr_sweep": {"lrs": lrs, "seeds": sweep_seeds, "split": FLAGS.sweep_split,
                          "length": FLAGS.sweep_length or N,
                          "criterion": "mean cumulative online accuracy over the stream"},
