@@ -482,3 +482,28 @@ def test_bfloat16_runs():
         assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
     assert not np.allclose(np.asarray(final.layers[0].c, np.float32),
                            np.asarray(state.layers[0].c, np.float32))
+
+
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_unroll_is_equivariant_to_input_permutations_without_coordinates(coordinates):
+    """All cells share V_M, so permuting the inputs together with the rows of
+    cells that read them permutes nothing that matters: same predictions, and
+    the state is the permuted state. With coordinates a cell knows its row, and
+    the symmetry is (deliberately) broken."""
+    cfg = vsml_jax.VSMLConfig(layer_sizes=(6, 4), hidden_size=4, msg_size=2,
+                              micro_ticks=2, coordinates=coordinates)
+    params = vsml_jax.init_params(jax.random.key(0), cfg)
+    state = vsml_jax.init_state(jax.random.key(1), cfg)
+    x = jax.random.normal(jax.random.key(2), (7, 6))
+    y = jax.nn.one_hot(jnp.arange(7) % 4, 4)
+    perm = np.array([3, 0, 5, 1, 4, 2])
+    permute_rows = lambda s: s.replace(layers=tuple(
+        LayerState(h=l.h[perm], c=l.c[perm]) for l in s.layers))
+    final, out = vsml_jax.unroll(params, state, (x, y))
+    final_p, out_p = vsml_jax.unroll(params, permute_rows(state), (x[:, perm], y))
+    if coordinates:
+        assert not np.allclose(out.logits, out_p.logits, atol=1e-4)
+        return
+    np.testing.assert_allclose(out_p.logits, out.logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(final_p.layers[0].c, final.layers[0].c[perm], rtol=1e-5,
+                               atol=1e-6)
