@@ -158,6 +158,24 @@ def parse_baselines(specs: List[str], taken: Tuple[str, ...] = ()) -> List[Tuple
     return out
 
 
+# 1-nearest neighbour keeps every example of every seed's stream in memory.
+NEAREST_NEIGHBOUR_MAX_BYTES = 8 * 2**30
+
+
+def check_memory_of_nearest_neighbour(baselines, seeds: int, examples: int,
+                                      input_size: int) -> None:
+    """UsageError if the nearest_neighbour baseline's memories would not fit."""
+    if not any(kind == "nearest_neighbour" for _, kind, _ in baselines):
+        return
+    size = seeds * examples * input_size * 4
+    if size > NEAREST_NEIGHBOUR_MAX_BYTES:
+        raise app.UsageError(
+            f"the nearest_neighbour baseline would hold {seeds} seeds x {examples:,} "
+            f"examples x {input_size} float32 inputs = {size / 2**30:.1f} GiB; use fewer "
+            "--seeds, a shorter --episode_length or a larger --pool, or drop it from "
+            "--baselines.")
+
+
 def resolve_pool(main) -> int:
     if FLAGS.pool > 0:
         return FLAGS.pool
@@ -279,6 +297,7 @@ def main(argv):
     split = stream_split()
     test_every = FLAGS.test_every
     tanh_sgd_lr = fixed_tanh_sgd_lr(probe)
+    check_memory_of_nearest_neighbour(baselines, len(seeds), N * max(K, 1), input_size)
 
     # Every learner with meta variables, loaded at the streams' input size.
     learners: Dict[str, Any] = {}

@@ -392,3 +392,12 @@ def test_evaluate_shuffle_pixels(tmp_path, data_dir):
     # VS-ML's random cell states meet other pixels: the same seed learns differently.
     assert plain["vsml"]["metrics"]["mean_loss"]["per_seed"] != pytest.approx(
         shuffled["vsml"]["metrics"]["mean_loss"]["per_seed"], abs=1e-6)
+
+
+def test_evaluate_refuses_a_nearest_neighbour_memory_that_does_not_fit(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.evaluate", "--baselines=nearest_neighbour",
+           "--pool=1", "--episode_length=60000", "--stream_batch=64",
+           f"--out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "112.2 GiB; use fewer --seeds" in proc.stderr
