@@ -297,7 +297,8 @@ def main(argv):
     split = stream_split()
     test_every = FLAGS.test_every
     tanh_sgd_lr = fixed_tanh_sgd_lr(probe)
-    check_memory_of_nearest_neighbour(baselines, len(seeds), N * max(K, 1), input_size)
+    examples_per_stream = N * max(K, 1)
+    check_memory_of_nearest_neighbour(baselines, len(seeds), examples_per_stream, input_size)
 
     # Every learner with meta variables, loaded at the streams' input size.
     learners: Dict[str, Any] = {}
@@ -360,7 +361,7 @@ def main(argv):
         for label, kind, path in baselines:
             if kind in NONPARAMETRIC_KINDS:
                 learner = nonparametric.nonparametric_learner(
-                    input_size, num_classes, method=kind, memory_size=N * max(K, 1))
+                    input_size, num_classes, method=kind, memory_size=examples_per_stream)
                 record(label, learner, None, {"source": "non-parametric"})
         gd = [(label, kind) for label, kind, path in baselines if kind in GD_KINDS]
         swept = [k for _, k in gd if not (k == "tanh_sgd" and tanh_sgd_lr is not None)]

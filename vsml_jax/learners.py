@@ -52,6 +52,20 @@ class Learner:
     predict: Optional[Predict] = None
 
 
+def check_stream(who: str, inputs: jax.Array, labels: jax.Array, num_inputs: int,
+                 num_classes: int, *, minibatch: bool = False, note: str = "") -> None:
+    """ValueError naming `who` unless inputs are [T, D] (or [T, K, D] with
+    `minibatch`) and labels the matching one-hot [..., C]; `note` is appended to
+    the inputs message (e.g. how to run several streams)."""
+    if inputs.ndim not in ((2, 3) if minibatch else (2,)) or inputs.shape[-1] != num_inputs:
+        shapes = f"[T, {num_inputs}]" + (f" or [T, K, {num_inputs}]" if minibatch else "")
+        raise ValueError(f"{who}: inputs have shape {inputs.shape}; expected {shapes}{note}.")
+    expected = inputs.shape[:-1] + (num_classes,)
+    if labels.shape != expected:
+        raise ValueError(f"{who}: labels have shape {labels.shape}; expected one-hot "
+                         f"{expected}.")
+
+
 def vsml_learner(cfg: VSMLConfig, **unroll_kwargs) -> Learner:
     """The VS Meta RNN as a Learner (`unroll_kwargs` go to `vsml_jax.unroll`)."""
     impl = unroll_kwargs.get("impl", "fast")

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from vsml_jax.learners import Learner
+from vsml_jax.learners import Learner, check_stream
 from vsml_jax.network import StepOutput
 
 NUM_FEATURES = 4  # x_a, x_b, w_ab, e_b
@@ -110,12 +110,8 @@ def unroll(cfg: HebbianConfig, theta: Dict[str, jax.Array], state: HebbianState,
            data: Tuple[jax.Array, jax.Array]) -> Tuple[HebbianState, StepOutput]:
     """Predict with w, then apply the learned rule (inputs [T, D], labels [T, C])."""
     inputs, labels = data
-    if inputs.ndim != 2 or inputs.shape[-1] != cfg.num_inputs:
-        raise ValueError(f"Hebbian learner: inputs have shape {inputs.shape}; expected "
-                         f"[T, {cfg.num_inputs}] (use jax.vmap for several streams).")
-    if labels.shape != inputs.shape[:-1] + (cfg.num_classes,):
-        raise ValueError(f"Hebbian learner: labels have shape {labels.shape}; expected "
-                         f"one-hot {inputs.shape[:-1] + (cfg.num_classes,)}.")
+    check_stream("Hebbian learner", inputs, labels, cfg.num_inputs, cfg.num_classes,
+                 note=" (use jax.vmap for several streams)")
 
     def body(state, xy):
         x, y = xy

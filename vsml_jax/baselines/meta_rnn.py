@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from vsml_jax.learners import Learner
+from vsml_jax.learners import Learner, check_stream
 from vsml_jax.network import StepOutput
 
 FEEDBACKS = ("error", "label", "both")
@@ -127,14 +127,10 @@ def unroll(cfg: MetaRNNConfig, params: Any, state: MetaRNNState,
     the prediction of y_t uses x_t and feedback up to step t-1 only.
     """
     inputs, labels = data
-    if inputs.ndim != 2 or inputs.shape[-1] != cfg.num_inputs:
-        raise ValueError(
-            f"Meta RNN: inputs have shape {inputs.shape}; expected [T, {cfg.num_inputs}] "
-            "(one stream; use jax.vmap for several; batch-averaged streams [T, K, D] "
-            "are not defined for a Meta RNN).")
-    if labels.shape != inputs.shape[:-1] + (cfg.num_classes,):
-        raise ValueError(f"Meta RNN: labels have shape {labels.shape}; expected one-hot "
-                         f"{inputs.shape[:-1] + (cfg.num_classes,)}.")
+    check_stream("Meta RNN", inputs, labels, cfg.num_inputs, cfg.num_classes,
+                 note=" (one stream; use jax.vmap for several; batch-averaged streams "
+                      "[T, K, D] are not defined for a Meta RNN)")
+
     def body(state, xy):
         x, y = xy
         carry, logits = lstm_step(params, state.carry, jnp.concatenate([x, state.feedback]))

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from vsml_jax.learners import Learner
+from vsml_jax.learners import Learner, check_stream
 from vsml_jax.network import StepOutput
 
 METHODS = ("nearest_mean", "nearest_neighbour")
@@ -158,12 +158,8 @@ def unroll(cfg: NonparametricConfig, state: NonparametricState,
       correct [T, (K)]); step t predicts from the examples before t only.
     """
     inputs, labels = data
-    if inputs.ndim not in (2, 3) or inputs.shape[-1] != cfg.num_inputs:
-        raise ValueError(f"{cfg.method}: inputs have shape {inputs.shape}; expected "
-                         f"[T, {cfg.num_inputs}] or [T, K, {cfg.num_inputs}].")
-    if labels.shape != inputs.shape[:-1] + (cfg.num_classes,):
-        raise ValueError(f"{cfg.method}: labels have shape {labels.shape}; expected "
-                         f"one-hot {inputs.shape[:-1] + (cfg.num_classes,)}.")
+    check_stream(cfg.method, inputs, labels, cfg.num_inputs, cfg.num_classes,
+                 minibatch=True)
     batched = inputs.ndim == 3
     if not batched:
         inputs, labels = inputs[:, None], labels[:, None]

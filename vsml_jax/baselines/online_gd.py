@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from vsml_jax.learners import Learner
+from vsml_jax.learners import Learner, check_stream
 from vsml_jax.network import StepOutput
 
 OPTIMIZERS = ("adam", "sgd")
@@ -163,12 +163,8 @@ def unroll(cfg: OnlineGDConfig, state: OnlineGDState, data: Tuple[jax.Array, jax
       correct [T, (K)]); step t's outputs use the parameters before step t's update.
     """
     inputs, labels = data
-    if inputs.ndim not in (2, 3) or inputs.shape[-1] != cfg.num_inputs:
-        raise ValueError(f"online GD: inputs have shape {inputs.shape}; expected "
-                         f"[T, {cfg.num_inputs}] or [T, K, {cfg.num_inputs}].")
-    if labels.shape != inputs.shape[:-1] + (cfg.num_classes,):
-        raise ValueError(f"online GD: labels have shape {labels.shape}; expected one-hot "
-                         f"{inputs.shape[:-1] + (cfg.num_classes,)}.")
+    check_stream("online GD", inputs, labels, cfg.num_inputs, cfg.num_classes,
+                 minibatch=True)
     tx = make_optimizer(cfg)  # its update reads the learning rate from state.opt_state
 
     def loss_fn(net, x, y):
