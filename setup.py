@@ -22,9 +22,11 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "matplotlib>=3.8",
+        "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
+        "psutil>=5.9",         # workdir lock: is the holder's process still alive?
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "tensorboard>=2.15"],  # tensorboard reads events back
         "tfds": ["tensorflow-datasets>=4.9"],
         # Accelerator builds of jaxlib; see BUILD.md.
         "cuda": ["jax[cuda12]"],

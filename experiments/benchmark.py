@@ -371,8 +371,8 @@ def population(sizes, pops: Sequence[int], T: int, device_counts: Sequence[int],
                 continue
             # As meta-training runs it on a CPU: the population axis split over
             # n devices with shard_map, each device mapping over its members.
-            mesh = sharding.population_mesh(jax.devices()[:n])
-            shard = NamedSharding(mesh, PartitionSpec(sharding.POP_AXIS))
+            mesh = sharding.device_mesh(jax.devices()[:n])
+            shard = NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS))
             repl = NamedSharding(mesh, PartitionSpec())
             pop_s = jax.device_put(pop, shard)
             st_s, x_s, y_s = jax.device_put((state, x, y), repl)

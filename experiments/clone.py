@@ -1,45 +1,30 @@
 r"""Learning algorithm cloning (paper sec. 3.1, appendix B, table 1).
 
     python -m experiments.clone --stage=backprop \
-        --flagfile=experiments/configs/clone_backprop_cpu.flags --workdir=/tmp/clone_bp
+        --flagfile=experiments/configs/clone_backprop_cpu.flags --workdir=runs/clone_bp
 
-Optimises V_M with Adam on random data so that every LSTM cell stores a weight
-w and bias b, computes y = tanh(x) w + b (``--stage=forward``, eq. 13) and, for
-``--stage=backprop``, applies w <- w - lr e tanh(x), b <- b - lr e and sends
-back e' = e w (1 - tanh(x)^2) (see `vsml_jax.cloning` for the conventions).
-The K training cells persist from step to step (restarting with probability
-``reset_prob``) so that states of every age are trained.
+A thin flag parser over `vsml_jax.runs.clone.train_and_evaluate` (see there
+for what is cloned and what the run writes). Runs on one device, all devices
+of a machine, or as a multi-process job (BUILD.md); re-running with the same
+--workdir resumes, SIGTERM saves and stops cleanly. At the end
 
-Everything goes to --workdir (config.json, checkpoints/, metrics.jsonl;
-re-running resumes). Every ``eval_every`` steps two evaluations are logged:
-split "eval" (the cloning metrics on a fixed batch of fresh cells) and
-"eval_long" (errors after a free run of ``eval_long_steps`` steps, exact rule
-never re-synchronised). At the end the portable learner is written:
-workdir/params.msgpack + workdir/learner.json, a `VSMLConfig` for a
-``meta_test_layer_sizes`` network, so
-
-    python -m experiments.evaluate --checkpoint=/tmp/clone_bp
+    python -m experiments.evaluate --checkpoint=runs/clone_bp
 
 meta-tests the cloned learning algorithm (no gradient computed anywhere).
 """
 from __future__ import annotations
 
-import dataclasses
-import time
+from absl import flags, logging
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import app, flags, logging
+from experiments import common
+from vsml_jax.runs.clone import STAGES, CloneConfig, train_and_evaluate
 
-from vsml_jax import cloning
-from vsml_jax.meta import gradient
-from vsml_jax.params import init_params
-from vsml_jax.training import checkpointing, loop
+FLAGS = flags.FLAGS
+D = CloneConfig()
 
-flags.DEFINE_string("workdir", None, "Folder of the run (created; resumed if it exists).")
-flags.DEFINE_enum("stage", "backprop", list(cloning.STAGES),
+common.define_workdir_flag()
+common.define_cluster_flags()
+flags.DEFINE_enum("stage", "backprop", list(STAGES),
                   "forward: clone y = tanh(x) w + b; backprop: also the updates and e'.")
 # The cell (V_M shapes) and the meta-test network it is saved for.
 flags.DEFINE_integer("hidden_size", 32, "H: LSTM cell size (table 1: 32).")
@@ -74,7 +59,6 @@ flags.DEFINE_float("bwd_weight", 1.0, "Weight of the e' loss.")
 flags.DEFINE_float("huber_delta", 1.0, "Smooth-L1 transition point (in those units).")
 # Optimisation.
 flags.DEFINE_integer("batch_size", 256, "K: cells per step (table 1: 32,768).")
-flags.DEFINE_integer("num_steps", 10000, "Adam steps (table 1: 10^6).")
 flags.DEFINE_float("lr", 5e-3, "Adam learning rate (table 1: 5e-3).")
 flags.DEFINE_float("lr_final_fraction", 1.0, "Cosine decay of lr to this fraction of it "
                    "over lr_decay_steps (1: constant).")
@@ -89,174 +73,20 @@ flags.DEFINE_boolean("learned_encoding", True, "Learn how states holding (w, b) 
                      "beyond the two fixed slots (cloning.StateEncoding).")
 flags.DEFINE_string("init_checkpoint", None, "Start V_M from this portable learner "
                     "(e.g. the forward stage's workdir).")
-flags.DEFINE_integer("seed", 0, "Seed of V_M's initialisation and of the data.")
-flags.DEFINE_integer("checkpoint_every", 1000, "Checkpoint every this many steps.")
-flags.DEFINE_integer("log_every", 100, "Log every this many steps.")
-flags.DEFINE_integer("eval_every", 1000, "Evaluate every this many steps (0: never).")
 flags.DEFINE_integer("eval_cells", 512, "Cells of the evaluations.")
 flags.DEFINE_integer("eval_long_steps", 300, "Steps of the free-run evaluation.")
-FLAGS = flags.FLAGS
-
-RUN_FLAGS = (
-    "stage", "hidden_size", "msg_size", "micro_ticks", "meta_test_layer_sizes",
-    "w_init_std", "error_scale", "target_scale", "rule_lr", "x_std", "w_max", "b_max",
-    "e_max", "e_decades", "unroll_steps", "fwd_unit", "store_unit", "x_repeat_prob", "bias_lr_scale",
-    "fwd_weight", "store_weight",
-    "bwd_weight", "huber_delta", "batch_size", "num_steps", "lr", "lr_final_fraction",
-    "lr_decay_steps", "clip_norm", "reset_prob", "max_drift", "learned_encoding", "init_checkpoint", "seed",
-    "checkpoint_every", "log_every", "eval_every", "eval_cells", "eval_long_steps",
-    "workdir")
-SAFE_TO_CHANGE = loop.DEFAULT_SAFE_TO_CHANGE + ("eval_cells", "eval_long_steps")
-
-
-def run_config() -> dict:
-    """The flags that define this run (config.json and learner.json)."""
-    return {name: FLAGS[name].value for name in RUN_FLAGS}
-
-
-def make_spec() -> cloning.CloneSpec:
-    return cloning.CloneSpec(
-        target_scale=FLAGS.target_scale, lr=FLAGS.rule_lr, x_std=FLAGS.x_std,
-        w_max=FLAGS.w_max, b_max=FLAGS.b_max, e_max=FLAGS.e_max,
-        e_decades=FLAGS.e_decades, steps=FLAGS.unroll_steps, fwd_unit=FLAGS.fwd_unit,
-        store_unit=FLAGS.store_unit, x_repeat_prob=FLAGS.x_repeat_prob,
-        bias_lr_scale=FLAGS.bias_lr_scale,
-        fwd_weight=FLAGS.fwd_weight, store_weight=FLAGS.store_weight,
-        bwd_weight=FLAGS.bwd_weight, huber_delta=FLAGS.huber_delta)
-
-
-def make_config():
-    return cloning.clone_config(
-        [int(n) for n in FLAGS.meta_test_layer_sizes], hidden_size=FLAGS.hidden_size,
-        msg_size=FLAGS.msg_size, micro_ticks=FLAGS.micro_ticks,
-        target_scale=FLAGS.target_scale, w_init_std=FLAGS.w_init_std,
-        error_scale=FLAGS.error_scale)
-
-
-def make_optimizer() -> optax.GradientTransformation:
-    """Adam with optional clipping and cosine decay: the meta-training optimiser."""
-    decay = FLAGS.lr_decay_steps or FLAGS.num_steps
-    return gradient.make_optimizer(
-        "adam", FLAGS.lr, clip_norm=FLAGS.clip_norm if FLAGS.clip_norm > 0 else None,
-        decay_steps=decay if FLAGS.lr_final_fraction != 1.0 else 0,
-        final_lr_fraction=FLAGS.lr_final_fraction)
-
-
-def build(cfg, spec):
-    """(init_fn, step_fn, eval_fn) of the run; train state is a dict (see init_fn)."""
-    opt = make_optimizer()
-    use_enc = FLAGS.learned_encoding
-
-    def init_fn():
-        k_params, k_chains, k_run = jax.random.split(jax.random.PRNGKey(FLAGS.seed), 3)
-        params = init_params(k_params, cfg)
-        if FLAGS.init_checkpoint:
-            params, info = checkpointing.load_learner(FLAGS.init_checkpoint, params)
-            params = params.replace(cfg=cfg)
-        encoding = cloning.init_encoding(cfg)
-        if FLAGS.init_checkpoint:
-            _, info = checkpointing.load_learner(FLAGS.init_checkpoint)
-            encoding = cloning.encoding_from_info(info) or encoding
-        chains = cloning.init_chains(k_chains, cfg, spec, FLAGS.batch_size)
-        train = {"params": params, "encoding": encoding}
-        return {"train": train, "opt_state": opt.init(train), "chains": chains,
-                "key": k_run, "step": jnp.zeros((), jnp.int32)}
-
-    def loss_fn(train, chains, key):
-        # The restarts are drawn inside the loss so that the encoding of the
-        # fresh states gets its gradient.
-        enc = train["encoding"] if use_enc else None
-        start, batch, advanced, reset = cloning.chain_batch(
-            key, cfg, spec, chains, FLAGS.reset_prob, FLAGS.max_drift, FLAGS.stage, enc)
-        loss, (metrics, final) = cloning.clone_loss(train["params"], spec, batch,
-                                                    FLAGS.stage, enc, start)
-        metrics["chain_abs_w"] = jnp.mean(jnp.abs(batch.w0))
-        metrics["chain_restarts"] = jnp.mean(reset.astype(jnp.float32))
-        return loss, (metrics, advanced.replace(state=final))
-
-    @jax.jit
-    def step_fn(state):
-        key, k_step = jax.random.split(state["key"])
-        train = state["train"]
-        (_, (metrics, chains)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            train, state["chains"], k_step)
-        updates, opt_state = opt.update(grads, state["opt_state"], train)
-        new = {"train": optax.apply_updates(train, updates), "opt_state": opt_state,
-               "chains": jax.lax.stop_gradient(chains), "key": key,
-               "step": state["step"] + 1}
-        return new, metrics
-
-    eval_key = jax.random.PRNGKey(FLAGS.seed + 12345)  # fixed: evals are comparable
-    eval_batch = cloning.sample_batch(eval_key, spec, FLAGS.eval_cells)
-
-    @jax.jit
-    def eval_fn(state):
-        train = state["train"]
-        enc = train["encoding"] if use_enc else None
-        _, (metrics, _) = cloning.clone_loss(train["params"], spec, eval_batch,
-                                             FLAGS.stage, enc)
-        out = {"eval": metrics}
-        if FLAGS.stage == "backprop" and FLAGS.eval_long_steps > 0:
-            out["eval_long"] = cloning.long_run_errors(
-                train["params"], spec, jax.random.fold_in(eval_key, 1),
-                FLAGS.eval_cells, FLAGS.eval_long_steps, enc)
-        return out
-
-    return init_fn, step_fn, eval_fn
-
-
-def write_learner(workdir: str, params, encoding, spec: cloning.CloneSpec,
-                  seconds: float) -> None:
-    """workdir/params.msgpack + workdir/learner.json (the portable learner).
-
-    Re-running a finished run's command only rewrites these two files.
-    """
-    records = loop.read_metrics(workdir)
-    train = [r for r in records if r["split"] == "train"]
-    last = train[-100:]
-    evals = {}
-    for r in records:
-        if r["split"].startswith("eval"):
-            evals[r["split"]] = r
-    extra = {
-        "flags": run_config(),
-        "clone": dataclasses.asdict(spec),
-        "cloning": {
-            "stage": FLAGS.stage,
-            "steps": train[-1]["step"] if train else 0,
-            "final_loss": float(np.mean([r["loss"] for r in last])) if last else None,
-            "final_loss_window": len(last),
-            "seconds_this_session": round(seconds, 1),
-            "conventions": "w/s in c[0], b/s in c[1]; x on forward slot 0, y/s on "
-                           "forward slot 0 (readout_scale=s), e and e' on backward slot 0; "
-                           "protocol predict_then_learn, reduce sum.",
-        },
-        "final_eval": evals,
-        # Training-only: how to write a given (w, b) into a cell (figure 4, tests).
-        "clone_encoding": cloning.encoding_to_dict(encoding),
-    }
-    checkpointing.save_learner_dir(workdir, params,
-                                   checkpointing.vsml_config_to_dict(params.cfg), extra)
-    logging.info("Wrote %s/params.msgpack and %s/learner.json", workdir, workdir)
+common.define_schedule_flags(num_steps=D.num_steps, checkpoint_every=D.checkpoint_every,
+                             log_every=D.log_every, eval_every=D.eval_every)
+flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
     del argv
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required (the run's folder).")
-    spec, cfg = make_spec(), make_config()
-    init_fn, step_fn, eval_fn = build(cfg, spec)
-    logging.info("Cloning (%s stage) in %s", FLAGS.stage, FLAGS.workdir)
-    t0 = time.time()
-    state = loop.run(FLAGS.workdir, init_fn, step_fn, FLAGS.num_steps,
-                     config_dict=run_config(), checkpoint_every=FLAGS.checkpoint_every,
-                     log_every=FLAGS.log_every, eval_fn=eval_fn,
-                     eval_every=FLAGS.eval_every, safe_to_change=SAFE_TO_CHANGE)
-    train = state["train"]
-    write_learner(FLAGS.workdir, train["params"],
-                  train["encoding"] if FLAGS.learned_encoding else None, spec,
-                  time.time() - t0)
+    outcome = train_and_evaluate(common.config_from_flags(CloneConfig), FLAGS.workdir)
+    if outcome.preempted:
+        logging.warning("Stopped by SIGTERM at step %d; the same command resumes.",
+                        outcome.step)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

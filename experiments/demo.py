@@ -1,67 +1,165 @@
-"""A first look: one online episode of an untrained VS-ML learner on real MNIST.
+"""A first look: the shipped meta-learned learner learning MNIST online, no gradients.
 
-    python -m experiments.demo [--data_dir=DIR] [--episode_length=1000]
+    python -m experiments.demo                    # pretrained:mnist on an MNIST test stream
+    python -m experiments.demo --dataset=fashion_mnist --episode_length=2000
+    python -m experiments.demo --checkpoint=runs/quickstart   # a meta_train workdir
 
-Feeds MNIST test images one per step to a randomly initialised VS Meta RNN
-(the paper's 784 -> 10 LSTM layer) and prints the running loss and online
-accuracy. An untrained V_M does not learn (accuracy stays near chance): this
-shows the machinery, its sizes and its speed; `experiments.meta_train` makes
-it learn.
+Feeds one stream of test images, one image per step, to a learner that
+predicts each label before it sees it and then learns from it in its forward
+dynamics. Every --report_every examples it prints the cumulative online
+accuracy (the fraction of predictions so far that were right) of, side by side
+on the SAME stream:
+
+  * the --checkpoint learner (default `pretrained:mnist`, the VS-ML layer
+    meta-trained on MNIST train and shipped with the package);
+  * online Adam (lr --adam_lr, 1e-3 as in the README's table) training a
+    linear classifier one example per step;
+  * the same learner with untrained (randomly initialised) meta variables,
+    which does not learn: what meta-learning adds.
+
+The stream for --seed S is the one `experiments.evaluate` uses for seed S
+(`vsml_jax.evaluation.make_streams`), and every learner starts from that
+seed's initial state (`evaluation.init_key`). Compilation time and run speed
+are printed at the end.
 """
+import logging
 import time
 
-import jax
-import jax.numpy as jnp
-from absl import app, flags
+# jax logs "Unable to initialize backend 'tpu'" at INFO on every machine without
+# a TPU, and absl's handler prints INFO: keep only jax's warnings and errors from
+# backend discovery (a backend that is asked for and fails still raises).
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
-import vsml_jax
-from vsml_jax import data as vdata
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from vsml_jax import evaluation  # noqa: E402
+from vsml_jax.baselines import online_gd  # noqa: E402
+from vsml_jax.data import make_dataset  # noqa: E402
+from vsml_jax.pretrained import LearnerFileError, load_learner  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Folder with mnist/ IDX files (default: $VSML_DATA_DIR).")
-flags.DEFINE_integer("episode_length", 1000, "Examples in the online episode.", lower_bound=1)
-flags.DEFINE_integer("report_every", 100, "Print progress every this many examples.",
+flags.DEFINE_string("checkpoint", "pretrained:mnist", "The learner: a meta_train workdir "
+                    "(params.msgpack + learner.json) or pretrained:NAME.")
+flags.DEFINE_string("dataset", "mnist", "Data set of the stream, as vsml_jax.data."
+                    "make_dataset takes it (e.g. mnist, fashion_mnist).")
+flags.DEFINE_string("split", "test", "Split the stream is drawn from.")
+flags.DEFINE_string("data_dir", None, "Folder with the data set's files (default: "
+                    "$VSML_DATA_DIR, then the other places BUILD.md lists).")
+flags.DEFINE_bool("download", False, "Download the data set if no copy is found.")
+flags.DEFINE_integer("pool", 0, "Average-pool images by this factor (1: 28x28, 4: 7x7); "
+                     "0: the pooling the learner was trained with, 28x28 for "
+                     "pretrained:mnist.", lower_bound=0)
+flags.DEFINE_integer("episode_length", 1000, "Examples in the stream.", lower_bound=1)
+flags.DEFINE_integer("report_every", 100, "Print a row every this many examples.",
                      lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Random seed (params, state and the stream).")
+flags.DEFINE_integer("seed", 0, "Seed of the stream and of every learner's initial state.",
+                     lower_bound=0)
+flags.DEFINE_list("compare", ["adam", "untrained"], "Columns next to the learner: adam "
+                  "(online Adam), untrained (the learner with random meta variables).")
+flags.DEFINE_float("adam_lr", 1e-3, "Learning rate of online Adam.")
+
+COMPARE = ("adam", "untrained")
+DISPLAY_NAMES = {"vsml": "VS-ML", "meta_rnn": "Meta RNN", "hebbian": "Hebbian rule"}
+
+
+def load(spec, input_size=None):
+    try:
+        return load_learner(spec, input_size=input_size)
+    except LearnerFileError as e:
+        raise app.UsageError(str(e)) from e
 
 
 def main(argv):
     del argv
-    cfg = vsml_jax.VSMLConfig(layer_sizes=(784, 10), hidden_size=16, msg_size=8, micro_ticks=2)
-    print(f"VS Meta RNN {cfg.layer_sizes[0]} -> {cfg.layer_sizes[1]}, LSTM H={cfg.hidden_size}, "
-          f"m={cfg.msg_size}, {cfg.micro_ticks} micro ticks")
-    print(f"|V_M| = {vsml_jax.count_meta_variables(cfg):,} meta variables (shared by all cells)")
-    print(f"|V_L| = {vsml_jax.count_learned_variables(cfg):,} learned variables (cell states)")
-
-    dataset = vdata.make_dataset("mnist", "test", data_dir=FLAGS.data_dir)
-    key_p, key_s, key_d = jax.random.split(jax.random.key(FLAGS.seed), 3)
-    params = vsml_jax.init_params(key_p, cfg)
-    state = vsml_jax.init_state(key_s, cfg)
-    inputs, labels = vdata.sample_episode(key_d, dataset, FLAGS.episode_length)
-
-    run_chunk = jax.jit(vsml_jax.unroll)
-    chunk = FLAGS.report_every
-    # Compile once on a chunk-sized piece so the timing below is the run alone.
+    unknown = sorted(set(FLAGS.compare) - set(COMPARE))
+    if unknown:
+        raise app.UsageError(f"--compare: {', '.join(unknown)} unknown; use a subset of "
+                             f"{', '.join(COMPARE)}.")
+    probe = load(FLAGS.checkpoint)
+    pool = FLAGS.pool or probe.pool or 1
     t0 = time.perf_counter()
-    jax.block_until_ready(run_chunk(params, state, (inputs[:chunk], labels[:chunk])))
-    print(f"compiled in {time.perf_counter() - t0:.1f} s")
+    try:
+        data = make_dataset(FLAGS.dataset, FLAGS.split, data_dir=FLAGS.data_dir, pool=pool,
+                            download=FLAGS.download)
+    except (ValueError, OSError) as e:  # unknown, missing or corrupt data set
+        raise app.UsageError(f"--dataset={FLAGS.dataset}: {e}") from e
+    t_data = time.perf_counter() - t0
+    loaded = load(FLAGS.checkpoint, input_size=data.input_dim)
+    learner = loaded.learner
+    classes = getattr(learner.config, "num_classes", data.num_classes)
+    if classes != data.num_classes:
+        raise app.UsageError(f"{FLAGS.checkpoint} predicts {classes} classes; "
+                             f"{FLAGS.dataset} has {data.num_classes}.")
 
-    losses, correct = [], []
+    N, every, seed = FLAGS.episode_length, FLAGS.report_every, FLAGS.seed
+    # Seed S's stream of experiments.evaluate: [1, N, D] inputs, [1, N, C] one-hot labels.
+    inputs, labels = evaluation.make_streams(data, [seed], N).materialize()
+    inputs, labels = inputs[0], labels[0]
+    side = int(round(data.input_dim ** 0.5))
+    shape = f"{side}x{side}" if side * side == data.input_dim else f"{data.input_dim}"
+    counts = evaluation.count_variables(learner, loaded.params)
+    print(f"Learner {FLAGS.checkpoint}: {DISPLAY_NAMES.get(learner.name, learner.name)}, "
+          f"{data.input_dim} inputs -> "
+          f"{data.num_classes} classes, {counts['meta_variables']:,} meta variables, "
+          f"{counts['learned_variables']:,} learned variables.")
+    print(f"Stream: {N} {FLAGS.dataset} {FLAGS.split} images ({shape}, {data.input_dim} "
+          f"inputs), seed {seed}, in random order; loaded in {t_data:.1f} s.")
+
+    # (column title, learner, params, initial state)
+    key = evaluation.init_key(seed)
+    methods = [(FLAGS.checkpoint, learner, loaded.params, learner.init_state(key))]
+    for kind in FLAGS.compare:
+        if kind == "adam":
+            adam = online_gd.online_gd_learner(data.input_dim, data.num_classes,
+                                               optimizer="adam",
+                                               learning_rate=FLAGS.adam_lr)
+            methods.append((f"online Adam (lr {FLAGS.adam_lr:g})", adam, None,
+                            adam.init_state(key)))
+        else:
+            params = learner.init_params(jax.random.fold_in(jax.random.key(seed), 2))
+            name = DISPLAY_NAMES.get(learner.name, learner.name)
+            methods.append((f"untrained {name}", learner, params,
+                            learner.init_state(key)))
+
+    # Compile every learner once per chunk length (ahead of time: the run below
+    # is timed alone).
     t0 = time.perf_counter()
-    for start in range(0, FLAGS.episode_length, chunk):
-        stop = min(start + chunk, FLAGS.episode_length)
-        state, out = run_chunk(params, state, (inputs[start:stop], labels[start:stop]))
-        losses.append(out.loss)
-        correct.append(out.correct)
-        all_correct = jnp.concatenate(correct)
-        print(f"examples {stop:5d}  loss(last {stop - start}) {float(jnp.mean(out.loss)):.3f}  "
-              f"online accuracy {float(jnp.mean(all_correct)):.3f}")
-    elapsed = time.perf_counter() - t0
-    n = FLAGS.episode_length
-    cell_ticks = n * cfg.micro_ticks * cfg.layer_sizes[0] * cfg.layer_sizes[1]
-    print(f"episode of {n} steps in {elapsed:.2f} s: {n / elapsed:.0f} steps/s, "
-          f"{cell_ticks / elapsed / 1e6:.1f} M cell micro-ticks/s on {jax.devices()[0].platform}")
-    print("An untrained learner stays near chance (0.1); see README for meta-training.")
+    compiled = {}
+    for m, (_, lrn, params, state) in enumerate(methods):
+        for length in sorted({min(every, N), N % every} - {0}):
+            compiled[m, length] = jax.jit(lrn.unroll).lower(
+                params, state, (inputs[:length], labels[:length])).compile()
+    t_compile = time.perf_counter() - t0
+    print(f"Compiled {len(compiled)} programs in {t_compile:.1f} s.")
+    print()
+    print("Cumulative online accuracy (each label is predicted before it is seen):")
+    widths = [max(len(title), 5) for title, *_ in methods]
+    print("examples  " + "  ".join(t.rjust(w) for (t, *_), w in zip(methods, widths)),
+          flush=True)
+
+    states = [state for *_, state in methods]
+    correct = [[] for _ in methods]
+    run_time = [0.0] * len(methods)
+    for start in range(0, N, every):
+        stop = min(start + every, N)
+        chunk = (inputs[start:stop], labels[start:stop])
+        row = []
+        for m, (_, _, params, _) in enumerate(methods):
+            t0 = time.perf_counter()
+            states[m], out = compiled[m, stop - start](params, states[m], chunk)
+            correct[m].append(np.asarray(out.correct))
+            run_time[m] += time.perf_counter() - t0
+            row.append(float(np.mean(np.concatenate(correct[m]))))
+        print(f"{stop:8d}  " + "  ".join(f"{a:{w}.3f}" for a, w in zip(row, widths)),
+              flush=True)
+
+    print()
+    for (title, *_), t in zip(methods, run_time):
+        print(f"{title}: {N} examples in {t:.2f} s ({N / t:,.0f} examples/s)")
+    print(f"Total: compile {t_compile:.1f} s + run {sum(run_time):.1f} s on "
+          f"{jax.devices()[0].platform}.")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,18 @@
 
 Every method sees the same streams: for each seed, N examples of --split in
 random order (no label permutation), pooled to the learner's input size (the `pool`
-it was trained with, or --pool; a VS-ML learner runs at any input size). The
+it was trained with, or --pool, or --input_size; a VS-ML learner runs at any input
+size).
+
+--datasets takes any data set spec (`vsml_jax.data.specs`): mnist,
+fashion_mnist, idx:DIR, npz:FILE, tfds:NAME, and mixtures joined by "+"
+(--datasets=mnist+fashion_mnist,npz:letters.npz is two entries, the first a
+mixture whose streams come from one of its data sets per seed). Colour images
+are made grey and every image is resized to the input size
+(`vsml_jax.data.normalize`). Each learner is built for each data set's number
+of classes: a VS-ML learner meta-trained on 10 classes runs on 5 or 26, and
+the baselines follow the data; a learner whose meta variables depend on the
+class count (the Meta RNN) is refused with the reason. The
 learning rates of the online-backprop baselines are chosen per dataset by a
 sweep on streams of the *training* split with separate seeds, and the sweep
 table is reported (a single entry in --lrs, or --tanh_sgd_lr, fixes the rate
@@ -29,7 +40,8 @@ The cloned-backprop comparison of fig. 5 with the paper's batch averaging:
         --out_dir=DIR
 
 Writes DIR/summary.json (metrics mean/std/per-seed, settings, sweep tables,
-parameter counts, configs, held-out curves), DIR/curves.npz (per-seed curves),
+parameter counts, configs, held-out curves, and under "data" the folder / file
+each data set was read from), DIR/curves.npz (per-seed curves),
 DIR/fig6.png (cumulative online accuracy vs examples seen, one panel per
 dataset), DIR/window_accuracy.png (accuracy over the last --window steps) and,
 with --test_every, DIR/test_accuracy.png (held-out accuracy vs examples seen),
@@ -48,7 +60,7 @@ from absl import app, flags
 
 from vsml_jax import evaluation, plotting
 from vsml_jax.baselines import nonparametric, online_gd
-from vsml_jax.data import Dataset, make_dataset
+from vsml_jax.data import Dataset, make_dataset, split_spec, target_side
 from vsml_jax.pretrained import LearnerFileError, load_learner
 
 FLAGS = flags.FLAGS
@@ -57,7 +69,9 @@ flags.DEFINE_string("checkpoint", None, "Learner to meta-test: a meta_train work
                     "only --baselines are evaluated.")
 flags.DEFINE_string("label", None, "Name of the --checkpoint learner in tables and plots "
                     "(default: its kind, e.g. vsml).")
-flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Datasets to meta-test on.")
+flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Data sets to meta-test on, "
+                  "each a spec: mnist, fashion_mnist, idx:DIR, npz:FILE, tfds:NAME, or a "
+                  "mixture A+B (one data set per stream).")
 flags.DEFINE_list("baselines", ["adam"], "Also evaluate: adam, sgd (online backprop, lr "
                   "swept), tanh_sgd (y = tanh(x) W + b with SGD), nearest_mean, "
                   "nearest_neighbour (non-parametric, nothing tuned), and meta-trained "
@@ -71,6 +85,9 @@ flags.DEFINE_string("split", "test", "Split the streams are drawn from (left at 
                     "default with --test_every > 0: train).")
 flags.DEFINE_integer("pool", -1, "Average-pool images by this factor (1: 784 inputs, "
                      "2: 196, 4: 49); -1 uses the checkpoint's.")
+flags.DEFINE_integer("input_size", 0, "D > 0: resize every image to sqrt(D) x sqrt(D) "
+                     "(a square number, e.g. 64 for 8x8) instead of 28 // pool.",
+                     lower_bound=0)
 flags.DEFINE_integer("shuffle_pixels", -1, "S >= 0: shuffle the input pixels of every "
                      "image (streams, sweep and held-out) by one fixed permutation drawn "
                      "with seed S, to test whether a learner uses where a pixel is "
@@ -104,8 +121,11 @@ flags.DEFINE_list("checkpoints", ["100", "500", "1000", "2000"],
 flags.DEFINE_integer("window", 100, "Steps in the final-window accuracy.", lower_bound=1)
 flags.DEFINE_integer("chunk_size", 1000, "Run streams in pieces of this many steps and "
                      "print progress after each.", lower_bound=1)
-flags.DEFINE_string("data_dir", None, "Folder with mnist/ and fashion_mnist/ IDX files "
-                    "(default: $VSML_DATA_DIR, ...).")
+flags.DEFINE_string("data_dir", None, "Folder with mnist/ and fashion_mnist/ IDX files, "
+                    "the only place they are looked for when given (default: "
+                    "$VSML_DATA_DIR, ...); tfds' data folder for tfds:NAME.")
+flags.DEFINE_bool("download", False, "Download mnist / fashion_mnist if no copy is found "
+                  "(into --data_dir when given, else the cache).")
 flags.DEFINE_string("out_dir", None, "Where summary.json and the figures go.")
 flags.mark_flag_as_required("out_dir")
 
@@ -179,17 +199,41 @@ def check_memory_of_nearest_neighbour(baselines, seeds: int, examples: int,
 def resolve_pool(main) -> int:
     if FLAGS.pool > 0:
         return FLAGS.pool
+    if FLAGS.input_size:
+        return -1  # unused: --input_size decides
     if main is None:
-        raise app.UsageError("--pool is needed when no --checkpoint is given (1, 2 or 4).")
+        raise app.UsageError("--pool (1, 2 or 4) or --input_size is needed when no "
+                             "--checkpoint is given.")
     if main.pool is None:
         raise app.UsageError(f"cannot tell which pooling {main.source} was trained with "
                              "(no flags.pool in learner.json); pass --pool.")
     return main.pool
 
 
-def load_checkpoint(spec: str, input_size: int, kind: str = ""):
+def resolve_input_size(pool: int) -> int:
+    """D: --input_size, else (28 // pool)^2; UsageError if not a valid size."""
     try:
-        loaded = load_learner(spec, input_size=input_size)
+        side = target_side(FLAGS.input_size or None, pool)
+    except ValueError as e:
+        raise app.UsageError(f"--input_size / --pool: {e}") from e
+    return side * side
+
+
+def check_dataset_specs() -> None:
+    """UsageError for a --datasets entry that is no data set spec."""
+    if not FLAGS.datasets:
+        raise app.UsageError("--datasets is empty; name at least one data set.")
+    for spec in FLAGS.datasets:
+        try:
+            split_spec(spec)
+        except ValueError as e:
+            raise app.UsageError(f"--datasets: {e}") from e
+
+
+def load_checkpoint(spec: str, input_size: Optional[int], kind: str = "",
+                    num_classes: Optional[int] = None):
+    try:
+        loaded = load_learner(spec, input_size=input_size, num_classes=num_classes)
     except LearnerFileError as e:
         raise app.UsageError(str(e)) from e
     if kind and loaded.learner.name != kind:
@@ -240,21 +284,24 @@ def stream_split() -> str:
     return FLAGS.split
 
 
-def load_data(dataset: str, split: str, pool: int) -> Dataset:
-    """A split, pooled, with its pixels shuffled if --shuffle_pixels asks for it
-    (the same permutation for every split and data set of the same size)."""
-    data = make_dataset(dataset, split, data_dir=FLAGS.data_dir, pool=pool)
+def load_data(dataset: str, split: str, pool: int, input_size: int) -> Dataset:
+    """A split at the learners' input size, with its pixels shuffled if
+    --shuffle_pixels asks for it (the same permutation for every split and data
+    set of the same size)."""
+    data = make_dataset(dataset, split, data_dir=FLAGS.data_dir, pool=max(pool, 1),
+                        download=FLAGS.download, input_size=input_size)
     if FLAGS.shuffle_pixels < 0:
         return data
     perm = np.random.default_rng(FLAGS.shuffle_pixels).permutation(data.input_dim)
     return dataclasses.replace(data, images=data.images[:, perm])
 
 
-def held_out_data(dataset: str, pool: int):
-    """(images [N, D], labels [N]): the first --test_examples of --test_split."""
-    data = load_data(dataset, FLAGS.test_split, pool)
+def held_out_data(dataset: str, pool: int, input_size: int):
+    """((images [N, D], labels [N]), the Dataset they come from): the first
+    --test_examples of --test_split."""
+    data = load_data(dataset, FLAGS.test_split, pool, input_size)
     try:
-        return evaluation.held_out_set(data, FLAGS.test_examples)
+        return evaluation.held_out_set(data, FLAGS.test_examples), data
     except ValueError as e:
         raise app.UsageError(f"{dataset} {FLAGS.test_split}: {e}") from e
 
@@ -286,6 +333,7 @@ def main(argv):
                              "--sweep_seed_offset past --seed_offset + --seeds.")
     checkpoints = [int(c) for c in FLAGS.checkpoints]
     lrs = [float(x) for x in FLAGS.lrs]
+    check_dataset_specs()
     probe = load_checkpoint(FLAGS.checkpoint, None) if FLAGS.checkpoint else None
     main_label = (FLAGS.label or probe.learner.name) if probe else None
     baselines = parse_baselines(FLAGS.baselines, (main_label,) if probe else ())
@@ -293,43 +341,57 @@ def main(argv):
         raise app.UsageError("nothing to evaluate: give --checkpoint and/or --baselines.")
 
     pool = resolve_pool(probe)
-    input_size = (28 // pool) ** 2
+    input_size = resolve_input_size(pool)
     split = stream_split()
     test_every = FLAGS.test_every
     tanh_sgd_lr = fixed_tanh_sgd_lr(probe)
     examples_per_stream = N * max(K, 1)
     check_memory_of_nearest_neighbour(baselines, len(seeds), examples_per_stream, input_size)
 
-    # Every learner with meta variables, loaded at the streams' input size.
-    learners: Dict[str, Any] = {}
-    if probe is not None:
-        learners[main_label] = load_checkpoint(FLAGS.checkpoint, input_size)
-    for label, kind, path in baselines:
-        if path:
-            learners[label] = load_checkpoint(path, input_size, kind)
-    num_classes = 10
-    for name, loaded in learners.items():
-        cfg = loaded.learner.config
-        c = getattr(cfg, "num_classes", None)
-        if c != num_classes:
-            raise app.UsageError(f"{name} ({loaded.source}) predicts {c} classes; the "
-                                 f"datasets have {num_classes}.")
+    # Every data set's stream split, then every learner with meta variables at
+    # the streams' input size and each data set's class count (loaded once per
+    # class count: every Learner object compiles its own programs). All before
+    # the first run, so a learner that cannot take a data set fails at once.
+    stream_data = {dataset: load_data(dataset, split, pool, input_size)
+                   for dataset in FLAGS.datasets}
+    checkpoints_to_load = ([(main_label, FLAGS.checkpoint, "")] if probe is not None else [])
+    checkpoints_to_load += [(label, path, kind) for label, kind, path in baselines if path]
+    by_classes: Dict[Tuple[str, int], Any] = {}
+    for data in stream_data.values():
+        for label, path, kind in checkpoints_to_load:
+            key = (label, data.num_classes)
+            if key not in by_classes:
+                by_classes[key] = load_checkpoint(path, input_size, kind, data.num_classes)
 
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     results: Dict[str, Dict[str, Any]] = {}
+    data_info: Dict[str, Dict[str, Any]] = {}
     curves: Dict[str, np.ndarray] = {}
     cum_panels, win_panels, test_panels = {}, {}, {}
     for dataset in FLAGS.datasets:
-        log(f"--- {dataset} ({split} split, pool={pool} -> {input_size} inputs, "
-            f"N={N}, {len(seeds)} seeds{f', {K} examples per step' if K else ''}"
+        data = stream_data[dataset]
+        num_classes = data.num_classes
+        log(f"--- {dataset} ({data.source}; {split} split, {num_classes} classes, "
+            f"{input_size} inputs, N={N}, {len(seeds)} seeds"
+            f"{f', {K} examples per step' if K else ''}"
             + (f", held-out test every {test_every} steps on {FLAGS.test_examples} "
                f"{FLAGS.test_split} images" if test_every else "") + ")")
-        data = load_data(dataset, split, pool)
+        data_info[dataset] = {"num_classes": num_classes, "input_size": input_size,
+                              "stream": evaluation.describe_dataset(data)}
         streams = evaluation.make_streams(data, seeds, N, stream_batch=K)
         eval_kwargs = dict(stream_batch=K, checkpoints=checkpoints, window=FLAGS.window,
                            chunk_size=FLAGS.chunk_size, log=log)
         if test_every:
-            eval_kwargs.update(held_out=held_out_data(dataset, pool), held_out_every=test_every)
+            held_out, held_out_set = held_out_data(dataset, pool, input_size)
+            if held_out_set.num_classes != num_classes:
+                raise app.UsageError(
+                    f"{dataset}: the {split} split has {num_classes} classes but the "
+                    f"{FLAGS.test_split} split {held_out_set.num_classes}; both splits "
+                    "must label the same classes.")
+            eval_kwargs.update(held_out=held_out, held_out_every=test_every)
+            data_info[dataset]["held_out"] = evaluation.describe_dataset(held_out_set)
+        learners = {label: by_classes[(label, num_classes)]
+                    for label, _, _ in checkpoints_to_load}
         per_method: Dict[str, Dict[str, Any]] = {}
 
         def record(method, learner, params, extra):
@@ -366,7 +428,8 @@ def main(argv):
         gd = [(label, kind) for label, kind, path in baselines if kind in GD_KINDS]
         swept = [k for _, k in gd if not (k == "tanh_sgd" and tanh_sgd_lr is not None)]
         if swept and len(lrs) > 1:
-            sweep_data = load_data(dataset, FLAGS.sweep_split, pool)
+            sweep_data = load_data(dataset, FLAGS.sweep_split, pool, input_size)
+            data_info[dataset]["sweep"] = evaluation.describe_dataset(sweep_data)
             sweep_streams = evaluation.make_streams(
                 sweep_data, sweep_seeds, FLAGS.sweep_length or N, stream_batch=K)
         for label, kind in gd:
@@ -420,7 +483,8 @@ def main(argv):
         "settings": {
             "checkpoint": FLAGS.checkpoint, "baselines": FLAGS.baselines,
             "datasets": FLAGS.datasets, "split": split, "episode_length": N,
-            "seeds": seeds, "pool": pool, "input_size": input_size, "stream_batch": K,
+            "seeds": seeds, "pool": pool if pool > 0 else None, "input_size": input_size,
+            "stream_batch": K, "data_dir": FLAGS.data_dir, "download": FLAGS.download,
             "checkpoints": checkpoints, "window": FLAGS.window, "std": "over seeds, ddof=0",
             "shuffle_pixels": FLAGS.shuffle_pixels,
             "lr_sweep": {"lrs": lrs, "seeds": sweep_seeds, "split": FLAGS.sweep_split,
@@ -434,6 +498,8 @@ def main(argv):
                           "split": FLAGS.test_split} if test_every else None),
         },
         "results": results,
+        # Per data set: what was read (folder / file / tfds set) for each role.
+        "data": data_info,
         "files": files,
     }
     with open(os.path.join(FLAGS.out_dir, "summary.json"), "w") as f:

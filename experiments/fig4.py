@@ -13,7 +13,8 @@ change), as every cell is after its first step at meta-test: the very first
 pass after writing a state is the least accurate one (its error is reported
 separately as first_pass_*).
 
-Writes out_dir/fig4.png and out_dir/fig4.json: the mean absolute error over
+Writes out_dir/fig4.png (its title names the checkpoint, the grid resolution,
+the warm-up and the seed) and out_dir/fig4.json: the mean absolute error over
 the grid and over random data (x ~ N(0, x_std^2), w, b uniform in the trained
 ranges), each also relative to the spread (std) of the target.
 """
@@ -21,14 +22,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+# jax logs "Unable to initialize backend 'tpu'" at INFO on every machine without
+# a TPU, and absl's handler prints INFO: keep only jax's warnings and errors from
+# backend discovery (a backend that is asked for and fails still raises).
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
-from vsml_jax import cloning, pretrained
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from vsml_jax import cloning, pretrained  # noqa: E402
 
 flags.DEFINE_string("checkpoint", "pretrained:backprop_clone",
                     "A clone: a workdir of experiments.clone or pretrained:NAME.")
@@ -121,18 +128,28 @@ def main(argv):
     fig.colorbar(im, ax=ax1, label="|y - tanh(x) w|")
     ax1.set_xlabel("x")
     ax1.set_ylabel("w")
+    ax0.set_title(f"one cloned cell, b = 0, {FLAGS.curves} values of w", fontsize=9)
+    ax1.set_title(f"|error| on a {FLAGS.grid} x {FLAGS.grid} grid of (x, w), b = 0",
+                  fontsize=9)
+    fig.suptitle(f"Fig. 4, cloned forward computation y = tanh(x) w: {FLAGS.checkpoint}\n"
+                 f"{FLAGS.warmup} warm-up steps on random x (seed {FLAGS.seed}); mean "
+                 f"|error| {err.mean():.3g} ({err.mean() / np.std(np.asarray(target)):.2%} "
+                 "of the target's std)", fontsize=9)
     fig.tight_layout()
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    fig.savefig(os.path.join(FLAGS.out_dir, "fig4.png"), dpi=150)
+    png = os.path.join(FLAGS.out_dir, "fig4.png")
+    fig.savefig(png, dpi=150)
     summary = {"checkpoint": FLAGS.checkpoint, "x_max": float(x_max), "w_max": float(w_max),
-               "warmup": FLAGS.warmup,
+               "warmup": FLAGS.warmup, "seed": FLAGS.seed, "grid": FLAGS.grid,
                "grid_mean_abs_error": float(err.mean()), "grid_max_abs_error": float(err.max()),
                "grid_target_std": float(np.std(np.asarray(target))),
                "grid_relative_mean_abs_error": float(err.mean() / np.std(np.asarray(target))),
                **rand, "spec": dataclasses.asdict(spec)}
-    with open(os.path.join(FLAGS.out_dir, "fig4.json"), "w") as f:
+    path = os.path.join(FLAGS.out_dir, "fig4.json")
+    with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "spec"}, indent=1))
+    print(f"wrote {png} and {path}")
 
 
 if __name__ == "__main__":

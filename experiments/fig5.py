@@ -23,7 +23,13 @@ a minibatch of K for SGD. Seed s gives every method the same stream
 `vsml_jax.evaluation.evaluate_method`, as in `experiments.evaluate
 --test_every`.
 
-Writes out_dir/fig5.json (flags, learning rates, summary, curves per seed) and
+--datasets takes any data set spec (`vsml_jax.data.specs`: mnist,
+fashion_mnist, idx:DIR, npz:FILE, tfds:NAME, mixtures joined by "+"); images are
+made grey and resized to the input size, and the clone and SGD are built for
+each data set's number of classes (V_M does not depend on it).
+
+Writes out_dir/fig5.json (flags, learning rates, summary, curves per seed, and
+under "data" the folder / file each data set was read from) and
 out_dir/fig5.png (mean and std over seeds of the test accuracy vs steps, one
 panel per dataset).
 """
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 from absl import app, flags, logging
@@ -46,9 +52,12 @@ flags.DEFINE_string("checkpoint", "pretrained:backprop_clone",
                     "The cloned learner: a workdir of experiments.clone or pretrained:NAME.")
 flags.DEFINE_string("improved_checkpoint", None, "Optional: a learner meta-trained from "
                     "the clone (drawn as 'clone + meta-training').")
-flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Datasets.")
+flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Data sets, each a spec: "
+                  "mnist, fashion_mnist, idx:DIR, npz:FILE, tfds:NAME, or a mixture A+B.")
 flags.DEFINE_integer("pool", 1, "Average pooling of the images (1: 28x28 = 784 inputs).",
                      lower_bound=1)
+flags.DEFINE_integer("input_size", 0, "D > 0: resize every image to sqrt(D) x sqrt(D) "
+                     "(a square number) instead of 28 // pool.", lower_bound=0)
 flags.DEFINE_integer("steps", 3000, "Steps per stream (training images, K per step with "
                      "--stream_batch=K).", lower_bound=1)
 flags.DEFINE_integer("eval_every", 500, "Test every this many steps.", lower_bound=1)
@@ -68,20 +77,27 @@ flags.DEFINE_list("hidden_sizes", [], "Stack the cloned cells into a deeper netw
 flags.DEFINE_float("w_init_std", 0.1, "With --hidden_sizes: std of the initial weights of "
                    "every layer, clone and SGD alike (the single layers start at 0).",
                    lower_bound=0.0)
-flags.DEFINE_string("data_dir", os.environ.get("VSML_DATA_DIR"), "IDX data folder.")
+flags.DEFINE_string("data_dir", None, "Folder with mnist/ and fashion_mnist/ IDX files, "
+                    "the only place they are looked for when given (default: "
+                    "$VSML_DATA_DIR, ...); tfds' data folder for tfds:NAME.")
+flags.DEFINE_bool("download", False, "Download mnist / fashion_mnist if no copy is found "
+                  "(into --data_dir when given, else the cache).")
 flags.DEFINE_string("out_dir", None, "Where fig5.json and fig5.png go.")
 FLAGS = flags.FLAGS
 
 PANEL_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion MNIST"}
 
 
-def load_clone(spec: str, input_size: int, error_scale: float = 0.0):
-    """(Learner, params, effective SGD learning rate) of a cloned VS-ML learner.
+def load_clone(spec: str, input_size: int, error_scale: float = 0.0,
+               num_classes: Optional[int] = None):
+    """(Learner, params, effective SGD learning rate) of a cloned VS-ML learner
+    for input_size inputs and num_classes classes (None: as cloned).
 
     error_scale > 0 replaces the config's error_scale (and so the rate).
     """
     try:
-        loaded = pretrained.load_learner(spec, input_size=input_size)
+        loaded = pretrained.load_learner(spec, input_size=input_size,
+                                         num_classes=num_classes)
     except pretrained.LearnerFileError as e:
         raise app.UsageError(str(e)) from e
     learner, params = loaded.learner, loaded.params
@@ -95,12 +111,14 @@ def load_clone(spec: str, input_size: int, error_scale: float = 0.0):
 
 
 def load_methods(input_size: int, num_classes: int = 10):
-    """({method: (Learner, params)}, {"sgd_lr", "clone_rate", "input_size"}).
+    """({method: (Learner, params)}, {"sgd_lr", "clone_rate", "input_size",
+    "num_classes"}) for data sets with num_classes classes.
 
-    Loaded once for all datasets: every Learner object has its own compiled
-    programs.
+    Loaded once per class count, not per data set: every Learner object has
+    its own compiled programs.
     """
-    clone, clone_params, rate = load_clone(FLAGS.checkpoint, input_size, FLAGS.error_scale)
+    clone, clone_params, rate = load_clone(FLAGS.checkpoint, input_size, FLAGS.error_scale,
+                                           num_classes)
     sgd_lr = FLAGS.sgd_lr or rate
     if not np.isfinite(sgd_lr):
         raise app.UsageError(f"{FLAGS.checkpoint} has no clone learning rate in its "
@@ -122,15 +140,21 @@ def load_methods(input_size: int, num_classes: int = 10):
             init_std=FLAGS.w_init_std), None)
     if FLAGS.improved_checkpoint:
         imp, imp_params, _ = load_clone(FLAGS.improved_checkpoint, input_size,
-                                        FLAGS.error_scale)
+                                        FLAGS.error_scale, num_classes)
         methods["clone + meta-training"] = (imp, imp_params)
-    return methods, {"sgd_lr": sgd_lr, "clone_rate": rate, "input_size": input_size}
+    return methods, {"sgd_lr": sgd_lr, "clone_rate": rate, "input_size": input_size,
+                     "num_classes": num_classes}
 
 
-def run_dataset(ds: str, methods: Dict[str, Any], seeds, K: int):
-    """{method: MethodResult with the held-out curve} on one dataset."""
-    train = vdata.make_dataset(ds, "train", data_dir=FLAGS.data_dir, pool=FLAGS.pool)
-    test = vdata.make_dataset(ds, "test", data_dir=FLAGS.data_dir, pool=FLAGS.pool)
+def load_data_split(ds: str, split: str):
+    """One split of data set `ds` at the figure's input size."""
+    return vdata.make_dataset(ds, split, data_dir=FLAGS.data_dir, pool=FLAGS.pool,
+                              download=FLAGS.download, input_size=FLAGS.input_size or None)
+
+
+def run_dataset(ds: str, train, test, methods: Dict[str, Any], seeds, K: int):
+    """{method: MethodResult with the held-out curve} on one dataset (its
+    train and test splits as Datasets)."""
     try:
         held_out = evaluation.held_out_set(test, FLAGS.test_examples)
     except ValueError as e:
@@ -153,13 +177,27 @@ def main(argv):
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required.")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    if 28 % FLAGS.pool:
-        raise app.UsageError(f"--pool={FLAGS.pool} must divide 28 (1, 2, 4, 7, 14, 28).")
+    try:
+        side = vdata.target_side(FLAGS.input_size or None, FLAGS.pool)
+        for ds in FLAGS.datasets:
+            vdata.split_spec(ds)
+    except ValueError as e:
+        raise app.UsageError(f"--pool / --input_size / --datasets: {e}") from e
     seeds, K = list(range(FLAGS.seeds)), FLAGS.stream_batch
-    methods, method_info = load_methods((28 // FLAGS.pool) ** 2)
-    summary, curves, meta, panels = {}, {}, {}, {}
+    summary, curves, meta, panels, data_info = {}, {}, {}, {}, {}
+    by_classes: Dict[int, Any] = {}  # one set of learners per class count
     for ds in FLAGS.datasets:
-        results = run_dataset(ds, methods, seeds, K)
+        train, test = load_data_split(ds, "train"), load_data_split(ds, "test")
+        if train.num_classes != test.num_classes:
+            raise app.UsageError(f"{ds}: the train split has {train.num_classes} classes, "
+                                 f"the test split {test.num_classes}; both must label the "
+                                 "same classes.")
+        if train.num_classes not in by_classes:
+            by_classes[train.num_classes] = load_methods(side * side, train.num_classes)
+        methods, method_info = by_classes[train.num_classes]
+        data_info[ds] = {"train": evaluation.describe_dataset(train),
+                         "test": evaluation.describe_dataset(test)}
+        results = run_dataset(ds, train, test, methods, seeds, K)
         meta[ds] = method_info
         summary[ds] = {m: {"final_test_acc_mean": r.summary["test_acc_final"]["mean"],
                            "final_test_acc_std": r.summary["test_acc_final"]["std"],
@@ -179,8 +217,8 @@ def main(argv):
         json.dump({"flags": {k: FLAGS[k].value for k in (
             "checkpoint", "improved_checkpoint", "datasets", "pool", "steps", "eval_every",
             "test_examples", "seeds", "stream_batch", "sgd_lr", "error_scale",
-            "hidden_sizes", "w_init_std")},
-            "seeds": seeds, "std": "over seeds, ddof=0",
+            "hidden_sizes", "w_init_std", "input_size", "data_dir", "download")},
+            "seeds": seeds, "std": "over seeds, ddof=0", "data": data_info,
             "methods": meta, "summary": summary, "curves": curves}, f, indent=1)
     xlabel = ("training steps (one image each)" if not K else
               f"training steps ({K} images each, states averaged)")

@@ -25,6 +25,7 @@ from vsml_jax.data import (
     DownloadError,
     IDXError,
     load_dataset,
+    locate_dataset,
     make_dataset,
     normalize_images,
     read_idx,
@@ -267,20 +268,32 @@ def test_corrupt_file_in_data_dir_is_not_skipped(tmp_path, small, isolated_env):
 
 # ---------------------------------------------------------- missing data
 def test_missing_dataset_lists_places(isolated_env):
-    empty = isolated_env / "empty"
-    empty.mkdir()
     with pytest.raises(DatasetNotFoundError) as err:
-        load_dataset("fashion_mnist", "train", data_dir=str(empty),
-                     use_tfds=_no_tfds())
+        load_dataset("fashion_mnist", "train", use_tfds=_no_tfds())
     msg = str(err.value)
     assert isinstance(err.value, FileNotFoundError)
-    for needle in (str(empty / "fashion_mnist"), "folder does not exist",
-                   "$VSML_DATA_DIR: not set", "/usr/share/datasets/fashion-mnist",
+    for needle in ("$VSML_DATA_DIR: not set", "/usr/share/datasets/fashion-mnist",
                    str(isolated_env / "env_cache" / "fashion_mnist"),
                    "tensorflow_datasets", "download=False",
                    "apt-get install dataset-fashion-mnist", "download=True",
                    "--data_dir"):
         assert needle in msg, f"{needle!r} missing from:\n{msg}"
+
+
+def test_explicit_data_dir_is_the_only_place(isolated_env, data_dir, monkeypatch):
+    # $VSML_DATA_DIR holds the data, but a folder that was named wins: no silent
+    # fall-through to another copy.
+    monkeypatch.setenv("VSML_DATA_DIR", data_dir)
+    empty = isolated_env / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("fashion_mnist", "train", data_dir=str(empty))
+    msg = str(err.value)
+    for needle in (str(empty / "fashion_mnist"), "folder does not exist",
+                   "train-images-idx3-ubyte.gz", "the only place looked at",
+                   "download=True", "--data_dir"):
+        assert needle in msg, f"{needle!r} missing from:\n{msg}"
+    assert load_dataset("fashion_mnist", "train")[0].shape == (60000, 28, 28)
 
 
 def test_missing_one_file_is_reported(isolated_env, data_dir):
@@ -303,8 +316,7 @@ def test_bad_names():
 def test_download_good_file(server, isolated_env, data_dir):
     base, md5 = server
     cache = isolated_env / "cache"
-    images, labels = load_dataset("mnist", "test", data_dir=str(isolated_env / "none"),
-                                  download=True, cache_dir=str(cache),
+    images, labels = load_dataset("mnist", "test", download=True, cache_dir=str(cache),
                                   mirrors=[base + "/good/"], checksums=md5, use_tfds=False)
     assert _leftovers(cache / "mnist") == sorted(FILES["test"])  # no temp files
     ref = load_dataset("mnist", "test", data_dir=data_dir)
@@ -313,6 +325,23 @@ def test_download_good_file(server, isolated_env, data_dir):
     # Found in the cache next time, without downloading.
     again = load_dataset("mnist", "test", cache_dir=str(cache), use_tfds=False)
     np.testing.assert_array_equal(again[0], ref[0])
+
+
+def test_download_into_explicit_data_dir(server, isolated_env, data_dir):
+    """download=True with a named folder fetches into that folder, through
+    make_dataset too, and the next load finds the files there."""
+    base, md5 = server
+    folder = isolated_env / "mine"
+    images, labels, source = locate_dataset(
+        "mnist", "test", data_dir=str(folder), download=True, mirrors=[base + "/good/"],
+        checksums=md5)
+    assert source == str(folder / "mnist")
+    assert _leftovers(folder / "mnist") == sorted(FILES["test"])
+    assert _leftovers(isolated_env / "env_cache") == []  # not the cache
+    ref = make_dataset("mnist", "test", data_dir=data_dir, pool=4)
+    mine = make_dataset("mnist", "test", data_dir=str(folder), pool=4)
+    assert mine.source == str(folder / "mnist") and ref.source != mine.source
+    np.testing.assert_array_equal(mine.images, ref.images)
 
 
 def test_download_mirror_from_env(server, isolated_env, monkeypatch):

@@ -72,7 +72,7 @@ def _run(workdir, adam_run, num_steps):
     eval_fn = lambda state: {"eval/norm": {"param_norm": optax.tree.norm(state.params)}}
     return loop.run(str(workdir), init_fn, step_fn, num_steps,
                     config_dict={"lr": 3e-2, "num_steps": num_steps},
-                    checkpoint_every=2, log_every=2, eval_fn=eval_fn, eval_every=3)
+                    checkpoint_every=2, log_every=2, eval_fn=eval_fn, eval_every=3).state
 
 
 def test_resume_is_bit_identical(tmp_path, adam_run):
@@ -130,7 +130,7 @@ def test_sharded_population_fitness_equals_unsharded(clusters):
 
     fn = lambda pop, k, x, y: evolution.population_fitness(learner, pop, k, (x, y))
     plain = jax.jit(fn)(population, key, inputs, labels)
-    mesh = sharding.population_mesh()
+    mesh = sharding.device_mesh()
     sharded_fn = jax.jit(sharding.shard_population(fn, mesh))
     sharded = sharded_fn(population, key, inputs, labels)
     assert len(sharded[0].sharding.device_set) == 8
@@ -172,9 +172,16 @@ def _meta_train(*args, devices=1):
 
 
 def test_bad_flag_values_are_rejected(tmp_path):
-    result = _meta_train(f"--workdir={tmp_path}", "--popsize=0")
-    assert result.returncode != 0
-    assert "--popsize must be >= 1" in result.stderr
+    for bad, message in (("--popsize=0", "--popsize=0 must be >= 2"),
+                         # A negative final fraction would make the schedule ascend.
+                         ("--lr_final_fraction=-1", "--lr_final_fraction=-1.0 must be in [0, 1]"),
+                         ("--lr=nan", "--lr=nan must be a positive number"),
+                         ("--batch_size=0", "--batch_size=0 must be >= 1")):
+        result = _meta_train(f"--workdir={tmp_path}", bad)
+        assert result.returncode != 0
+        assert message in result.stderr, result.stderr
+        # The message, not pages of flag help.
+        assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
     assert not os.path.exists(tmp_path / "config.json")
 
 

@@ -109,11 +109,44 @@ def stream_indices(seed: int, num_examples: int, count: int) -> np.ndarray:
 
 def held_out_set(data: Dataset, n: int) -> Tuple[jax.Array, jax.Array]:
     """(images [n, D], labels [n]): the first n examples of `data`, the fixed
-    held-out set a learner is tested on. ValueError if data has fewer."""
+    held-out set a learner is tested on. From a mixture of P data sets, the
+    first n // P of each (the first n % P data sets give one more), so every
+    data set is tested. ValueError if data (or a data set of it) has fewer."""
     if n > data.num_examples:
         raise ValueError(f"{n} held-out examples asked for, but the split has only "
                          f"{data.num_examples}; lower --test_examples.")
-    return data.images[:n], data.labels[:n]
+    if not data.parts:
+        return data.images[:n], data.labels[:n]
+    P = len(data.parts)
+    rows = []
+    for i, (part, start) in enumerate(zip(data.parts, data.part_offsets())):
+        k = n // P + (i < n % P)
+        if k > part.size:
+            raise ValueError(f"{k} held-out examples asked for from {part.name}, which "
+                             f"has only {part.size}; lower --test_examples.")
+        rows.append(np.arange(start, start + k))
+    idx = np.concatenate(rows)
+    return data.images[idx], data.labels[idx]
+
+
+def describe_dataset(data: Dataset) -> Dict[str, Any]:
+    """A JSON-ready account of a Dataset: name, source (what was read),
+    num_classes, num_examples, input_size and, for a mixture, its parts."""
+    out = {"name": data.name, "source": data.source, "num_classes": data.num_classes,
+           "num_examples": data.num_examples, "input_size": data.input_dim}
+    if data.parts:
+        out["parts"] = [p._asdict() for p in data.parts]
+    return out
+
+
+def _stream_of_seed(data: Dataset, seed: int, count: int) -> np.ndarray:
+    """[count] indices of seed s's stream: from a mixture, all from one of its
+    data sets, chosen uniformly from SeedSequence((seed, 1))."""
+    if not data.parts:
+        return stream_indices(seed, data.num_examples, count)
+    part = int(np.random.default_rng((int(seed), 1)).integers(len(data.parts)))
+    start = int(data.part_offsets()[part])
+    return start + stream_indices(seed, data.parts[part].size, count)
 
 
 def make_streams(data: Dataset, seeds: Sequence[int], length: int,
@@ -121,7 +154,9 @@ def make_streams(data: Dataset, seeds: Sequence[int], length: int,
     """One random stream per seed, no label permutation.
 
     Args:
-      data: images [N, D], labels [N].
+      data: images [N, D], labels [N]. From a mixture (`vsml_jax.data.
+        make_mixture`) each seed's stream comes from one of its data sets,
+        chosen at random per seed.
       seeds: S non-negative integers (seed s always gives the same stream of `data`).
       length: T steps.
       stream_batch: K > 0 feeds K examples per step.
@@ -134,7 +169,7 @@ def make_streams(data: Dataset, seeds: Sequence[int], length: int,
     if not len(seeds) or min(seeds) < 0:
         raise ValueError(f"seeds={list(seeds)}: give at least one seed, all >= 0.")
     k = max(stream_batch, 1)
-    idx = np.stack([stream_indices(s, data.num_examples, length * k) for s in seeds])
+    idx = np.stack([_stream_of_seed(data, s, length * k) for s in seeds])
     if stream_batch:
         idx = idx.reshape(len(seeds), length, k)
     return IndexedStreams(data=data, indices=idx)

@@ -9,9 +9,13 @@ Meta-training, evaluation and the baselines all speak to a `Learner`:
     logits = learner.predict(params, state, test_inputs [N, D])   # [N, C]
 
 `unroll` must be pure (jit / vmap / grad), predict y_t before it is seen,
-and learn only from what the stream has shown so far. `predict` (optional)
-classifies held-out inputs with the current state and leaves it unchanged, so
-test accuracy can be measured at any point of a stream.
+and learn only from what the stream has shown so far; `out.correct` comes from
+`correct_from_logits` (0 wherever a logit is NaN or inf). Values are not
+checked on the default path: run `vsml_jax.checks.check_stream_values` on the
+host, or wrap an unroll with `vsml_jax.checks.checkify_unroll`.
+
+`predict` (optional) classifies held-out inputs with the current state and
+leaves it unchanged, so test accuracy can be measured at any point of a stream.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ from typing import Any, Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from vsml_jax import network
 from vsml_jax.config import VSMLConfig
-from vsml_jax.network import StepOutput, predict_pass, unroll
+from vsml_jax.network import StepOutput, correct_from_logits, predict_pass, unroll
 from vsml_jax.params import init_params
 from vsml_jax.state import init_state
 
@@ -66,6 +71,21 @@ def check_stream(who: str, inputs: jax.Array, labels: jax.Array, num_inputs: int
                          f"{expected}.")
 
 
+def check_inputs(who: str, inputs: jax.Array, num_inputs: int) -> None:
+    """ValueError naming `who` unless inputs are [N, num_inputs] (Learner.predict's
+    held-out inputs); the message gives both widths and the fix."""
+    if inputs.ndim == 2 and inputs.shape[-1] == num_inputs:
+        return
+    if inputs.ndim >= 1 and inputs.shape[-1] != num_inputs:
+        raise ValueError(
+            f"{who}: inputs have width {inputs.shape[-1]} but the learner takes "
+            f"{num_inputs} inputs; give [N, {num_inputs}]: pool/reshape the data the "
+            "way the training streams were (e.g. vsml_jax.data.pool_images) or build "
+            f"the learner for {inputs.shape[-1]} inputs.")
+    raise ValueError(f"{who}: inputs have shape {inputs.shape}; expected "
+                     f"[N, {num_inputs}] (one row per held-out input).")
+
+
 def vsml_learner(cfg: VSMLConfig, **unroll_kwargs) -> Learner:
     """The VS Meta RNN as a Learner (`unroll_kwargs` go to `vsml_jax.unroll`)."""
     impl = unroll_kwargs.get("impl", "fast")
@@ -90,12 +110,12 @@ def vsml_predict(params, state, inputs: jax.Array, impl: str = "fast") -> jax.Ar
     holds K identical copies; copy 0 predicts.
     """
     cfg = params.cfg
-    if inputs.ndim != 2 or inputs.shape[-1] != cfg.input_size:
-        raise ValueError(f"vsml predict: inputs have shape {inputs.shape}; expected "
-                         f"[N, {cfg.input_size}] (layer_sizes={cfg.layer_sizes}).")
+    check_inputs(f"vsml predict (layer_sizes={cfg.layer_sizes})", inputs, cfg.input_size)
     layers = state.layers
     if state.error.ndim == 2:  # [K, C]: K averaged copies, all equal
         layers = jax.tree_util.tree_map(lambda a: a[0], layers)
+    # predict_pass checks these too, but inside lax.map; here the message names us.
+    network._check_layers(cfg, layers, "vsml predict")
     dtype = jnp.dtype(cfg.dtype)
     one = lambda x: predict_pass(params, layers, x, impl)[1]
     # One image at a time: vmapping over images multiplies the per-cell

@@ -34,11 +34,27 @@ class StepOutput:
     """Per-step outputs; `unroll` stacks them on a leading time axis [T, ...].
 
     logits [C] (predicted before y_t is seen), loss [] (softmax cross-entropy),
-    correct [] (1.0 if argmax logits == argmax y_t).
+    correct [] (1.0 if argmax logits == argmax y_t and every logit is finite,
+    else 0.0; see `correct_from_logits`).
     """
     logits: jax.Array
     loss: jax.Array
     correct: jax.Array
+
+
+def correct_from_logits(logits: jax.Array, labels: jax.Array,
+                        dtype: Optional[jnp.dtype] = None) -> jax.Array:
+    """Whether each prediction is right: logits [..., C], one-hot labels [..., C] -> [...].
+
+    1 where argmax logits == argmax labels *and* every logit of that row is
+    finite, else 0 (in `dtype`, default the logits' dtype). The one place every
+    learner's `StepOutput.correct` comes from.
+    """
+    # argmax treats NaN as the largest value, so a NaN row would be "class 0"
+    # (the first NaN): a diverged learner would score 1/C instead of 0.
+    hit = jnp.argmax(logits, axis=-1) == jnp.argmax(labels, axis=-1)
+    hit = hit & jnp.all(jnp.isfinite(logits), axis=-1)
+    return hit.astype(logits.dtype if dtype is None else dtype)
 
 
 def _kernel(impl: str) -> types.ModuleType:
@@ -88,7 +104,16 @@ def forward_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Arra
     messages flow through the stack within the pass.
 
     Returns: (new layer states, logits [C]).
+    Raises ValueError if x, err_msg [C, m] or the layers do not fit the config.
     """
+    cfg = params.cfg
+    _check_input_vector(cfg, x, "forward_pass")
+    if err_msg.shape != (cfg.num_classes, cfg.msg_size):
+        raise ValueError(
+            f"forward_pass: err_msg has shape {err_msg.shape}; expected "
+            f"[{cfg.num_classes}, {cfg.msg_size}] (classes, msg_size), as built by "
+            "error_message(cfg, error [C], label [C]).")
+    _check_layers(cfg, layers, "forward_pass")
     L = params.cfg.num_layers
     bwd_ins = [_backward_input(params, layers, l, impl) for l in range(L - 1)] + [err_msg]
     layers, logits, _ = _bottom_up(params, layers, x, bwd_ins, impl)
@@ -103,7 +128,11 @@ def predict_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Arra
     backward message either (the error sweep comes afterwards), otherwise the
     lower layers read the messages of the layers above as in `forward_pass`.
     Returns (new layer states, logits [C]).
+    Raises ValueError if x is not [A0] or the layers do not fit the config
+    (e.g. 784-wide images on a layer_sizes=(49, ...) learner).
     """
+    _check_input_vector(params.cfg, x, "predict_pass")
+    _check_layers(params.cfg, layers, "predict_pass")
     layers, logits, _ = _predict_tick(params, layers, x, impl)
     return layers, logits
 
@@ -165,14 +194,19 @@ def _loss_and_error(cfg: VSMLConfig, logits: jax.Array, y: jax.Array):
     logp = jax.nn.log_softmax(logits)
     loss = -jnp.sum(y * logp)
     error = cfg.error_scale * (jnp.exp(logp) - y)  # d CE / d logits
-    correct = (jnp.argmax(logits) == jnp.argmax(y)).astype(logits.dtype)
-    return loss, error, correct
+    return loss, error, correct_from_logits(logits, y)
 
 
 def step(params: VSMLParams, state: VSMLState, x: jax.Array, y: jax.Array,
          impl: str = "fast") -> Tuple[VSMLState, StepOutput]:
     """One online step on one example: x [A0], y one-hot [C]."""
     cfg = params.cfg
+    # Shapes only, at trace time: unroll's scan calls this too, at no run-time cost.
+    _check_input_vector(cfg, x, "step")
+    if y.shape != (cfg.num_classes,):
+        raise ValueError(f"step: y has shape {y.shape}; expected one-hot "
+                         f"[{cfg.num_classes}] (layer_sizes[-1] classes).")
+    _check_layers(cfg, state.layers, "step")
     if cfg.protocol == "delayed_error":
         err_msg = error_message(cfg, state.error, state.label)
         layers, logits = forward_pass(params, state.layers, x, err_msg, impl)
@@ -204,6 +238,66 @@ def _batch_averaged_step(params, state, x, y, impl):
     return new_state.replace(layers=layers), out
 
 
+def _layer_problems(cfg: VSMLConfig, layers, lead: Tuple[int, ...]) -> list:
+    """What is wrong with the shapes of V_L's cell states (leaves [*lead, A, B, H])."""
+    if not isinstance(layers, (tuple, list)):
+        return [f"layers is a {type(layers).__name__}, expected a tuple of "
+                f"{cfg.num_layers} LayerState"]
+    if len(layers) != cfg.num_layers:
+        return [f"{len(layers)} layers instead of {cfg.num_layers}"]
+    sizes, H = cfg.layer_sizes, cfg.hidden_size
+    H_c = H if cfg.cell == "lstm" else 0
+    problems = []
+    for l, layer in enumerate(layers):
+        for name, want in (("h", lead + (sizes[l], sizes[l + 1], H)),
+                           ("c", lead + (sizes[l], sizes[l + 1], H_c))):
+            got = getattr(layer, name).shape
+            if got != want:
+                problems.append(f"layers[{l}].{name} has shape {got}, expected {want}")
+    return problems
+
+
+def _config_summary(cfg: VSMLConfig) -> str:
+    return (f"layer_sizes={cfg.layer_sizes}, cell={cfg.cell!r}, "
+            f"hidden_size={cfg.hidden_size}, dtype={cfg.dtype!r}")
+
+
+def _check_input_vector(cfg: VSMLConfig, x: jax.Array, who: str) -> None:
+    """ValueError unless x is one input vector [A0] of the config's first layer."""
+    A0 = cfg.input_size
+    if x.ndim == 1 and x.shape[0] == A0:
+        return
+    if x.shape and x.shape[-1] != A0:
+        raise ValueError(
+            f"{who}: x has width {x.shape[-1]} but the config's first layer has {A0} "
+            f"input neurons (layer_sizes={cfg.layer_sizes}); give x of shape [{A0}]: "
+            "pool/reshape the data to that width (e.g. vsml_jax.data.pool_images for "
+            "28x28 -> 7x7) or use a config with layer_sizes[0] equal to the data width.")
+    raise ValueError(
+        f"{who}: x has shape {x.shape}; expected one input vector [{A0}] "
+        f"(layer_sizes={cfg.layer_sizes}). For N inputs use "
+        "vsml_jax.learners.vsml_predict (or jax.vmap over them).")
+
+
+def _check_layers(cfg: VSMLConfig, layers, who: str) -> None:
+    """ValueError unless layers are one copy of V_L's cell states for the config."""
+    problems = _layer_problems(cfg, layers, ())
+    if not problems:
+        return
+    # Layers with one extra leading axis K that fit otherwise: a state broadcast
+    # by init_state_for_streams, the likeliest mistake.
+    lead = getattr(layers[0], "h", None) if isinstance(layers, (tuple, list)) and layers \
+        else None
+    streams = (lead is not None and lead.ndim == 4 and
+               not _layer_problems(cfg, layers, lead.shape[:1]))
+    hint = (" These are the layers of K batch-averaged streams (leading axis K, all "
+            "copies equal): pass copy 0, jax.tree_util.tree_map(lambda a: a[0], "
+            "state.layers)." if streams else
+            " Pass state.layers of a state from init_state(key, cfg).")
+    raise ValueError(f"{who}: layers do not match the config: " + "; ".join(problems[:3])
+                     + f" ({_config_summary(cfg)})." + hint)
+
+
 def _check_data(cfg: VSMLConfig, state: VSMLState, inputs, labels) -> None:
     if inputs.ndim not in (2, 3):
         raise ValueError(
@@ -225,27 +319,20 @@ def _check_data(cfg: VSMLConfig, state: VSMLState, inputs, labels) -> None:
     # scan-carry TypeError deep inside the step.
     lead = () if inputs.ndim == 2 else (inputs.shape[1],)
     # canonicalize: float64 means float32 unless x64 is enabled, as in init_state.
-    sizes, H = cfg.layer_sizes, cfg.hidden_size
     dtype = jax.dtypes.canonicalize_dtype(cfg.dtype)
-    H_c = H if cfg.cell == "lstm" else 0
-    want = {"error": lead + (cfg.num_classes,), "label": lead + (cfg.num_classes,)}
-    for l in range(cfg.num_layers):
-        want[f"layers[{l}].h"] = lead + (sizes[l], sizes[l + 1], H)
-        want[f"layers[{l}].c"] = lead + (sizes[l], sizes[l + 1], H_c)
     got = {"error": state.error, "label": state.label}
-    for l, layer in enumerate(state.layers):
-        got[f"layers[{l}].h"], got[f"layers[{l}].c"] = layer.h, layer.c
-    problems = [f"{len(state.layers)} layers instead of {cfg.num_layers}"] if len(
-        state.layers) != cfg.num_layers else []
-    problems += [f"{k} has shape {got[k].shape}, expected {want[k]}"
-                 for k in want if k in got and got[k].shape != want[k]]
-    problems += [f"{k} has dtype {got[k].dtype}, expected {dtype}"
-                 for k in want if k in got and got[k].dtype != dtype]
+    if isinstance(state.layers, (tuple, list)):
+        for l, layer in enumerate(state.layers):
+            got[f"layers[{l}].h"], got[f"layers[{l}].c"] = layer.h, layer.c
+    problems = [f"{k} has shape {got[k].shape}, expected {lead + (cfg.num_classes,)}"
+                for k in ("error", "label") if got[k].shape != lead + (cfg.num_classes,)]
+    problems += _layer_problems(cfg, state.layers, lead)
+    problems += [f"{k} has dtype {v.dtype}, expected {dtype}" for k, v in got.items()
+                 if v.dtype != dtype]
     if problems:
         raise ValueError(
             "unroll: state does not match the config: " + "; ".join(problems[:3])
-            + f" (layer_sizes={sizes}, cell={cfg.cell!r}, hidden_size={H}, "
-            f"dtype={cfg.dtype!r}). Create it with init_state(key, cfg)"
+            + f" ({_config_summary(cfg)}). Create it with init_state(key, cfg)"
             + ("" if inputs.ndim == 2 else
                " and broadcast it to the K streams (see init_state_for_streams)") + ".")
 

@@ -29,8 +29,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from vsml_jax.learners import Learner, check_stream
-from vsml_jax.network import StepOutput
+from vsml_jax.learners import Learner, check_inputs, check_stream
+from vsml_jax.network import StepOutput, correct_from_logits
 
 NUM_FEATURES = 4  # x_a, x_b, w_ab, e_b
 
@@ -122,7 +122,7 @@ def unroll(cfg: HebbianConfig, theta: Dict[str, jax.Array], state: HebbianState,
         w = state.w + rule_update(cfg, theta, x1, logits, state.w, error)
         if cfg.weight_clip is not None:
             w = jnp.clip(w, -cfg.weight_clip, cfg.weight_clip)
-        correct = (jnp.argmax(logits) == jnp.argmax(y)).astype(jnp.float32)
+        correct = correct_from_logits(logits, y, jnp.float32)
         return HebbianState(w=w), StepOutput(logits=logits, loss=loss, correct=correct)
 
     return jax.lax.scan(body, state, (inputs.astype(jnp.float32), labels.astype(jnp.float32)))
@@ -130,9 +130,7 @@ def unroll(cfg: HebbianConfig, theta: Dict[str, jax.Array], state: HebbianState,
 
 def predict(cfg: HebbianConfig, state: HebbianState, inputs: jax.Array) -> jax.Array:
     """Logits [N, C] = [x, 1] w of the current weights for inputs [N, D]."""
-    if inputs.ndim != 2 or inputs.shape[-1] != cfg.num_inputs:
-        raise ValueError(f"Hebbian predict: inputs have shape {inputs.shape}; expected "
-                         f"[N, {cfg.num_inputs}].")
+    check_inputs("Hebbian predict", inputs, cfg.num_inputs)
     x = inputs.astype(jnp.float32)
     x1 = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)  # as in unroll
     return x1 @ state.w

@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from vsml_jax.learners import Learner, check_stream
-from vsml_jax.network import StepOutput
+from vsml_jax.learners import Learner, check_inputs, check_stream
+from vsml_jax.network import StepOutput, correct_from_logits
 
 FEEDBACKS = ("error", "label", "both")
 
@@ -135,7 +135,7 @@ def unroll(cfg: MetaRNNConfig, params: Any, state: MetaRNNState,
         x, y = xy
         carry, logits = lstm_step(params, state.carry, jnp.concatenate([x, state.feedback]))
         loss = optax.softmax_cross_entropy(logits, y)
-        correct = (jnp.argmax(logits) == jnp.argmax(y)).astype(jnp.float32)
+        correct = correct_from_logits(logits, y, jnp.float32)
         new_state = MetaRNNState(carry=carry, feedback=_feedback(cfg, logits, y))
         return new_state, StepOutput(logits=logits, loss=loss, correct=correct)
 
@@ -150,9 +150,7 @@ def predict(cfg: MetaRNNConfig, params: Any, state: MetaRNNState,
     feedback (exactly the prediction `unroll` would make for x next); the new
     carry is discarded, so the test inputs leave no trace.
     """
-    if inputs.ndim != 2 or inputs.shape[-1] != cfg.num_inputs:
-        raise ValueError(f"Meta RNN predict: inputs have shape {inputs.shape}; expected "
-                         f"[N, {cfg.num_inputs}].")
+    check_inputs("Meta RNN predict", inputs, cfg.num_inputs)
     one = lambda x: lstm_step(params, state.carry, jnp.concatenate([x, state.feedback]))[1]
     return jax.vmap(one)(inputs.astype(jnp.float32))
 

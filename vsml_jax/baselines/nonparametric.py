@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from vsml_jax.learners import Learner, check_stream
-from vsml_jax.network import StepOutput
+from vsml_jax.learners import Learner, check_inputs, check_stream
+from vsml_jax.network import StepOutput, correct_from_logits
 
 METHODS = ("nearest_mean", "nearest_neighbour")
 
@@ -104,6 +104,7 @@ def init_state(cfg: NonparametricConfig) -> NonparametricState:
 
 def scores(cfg: NonparametricConfig, state: NonparametricState, x: jax.Array) -> jax.Array:
     """Logits [N, C] for inputs x [N, D] (see the module doc); state unchanged."""
+    check_inputs(f"{cfg.method} predict", x, cfg.num_inputs)
     x = x.astype(jnp.float32)
     if cfg.method == "nearest_mean":
         means = state.sums / jnp.maximum(state.counts, 1.0)[:, None]              # [C, D]
@@ -173,8 +174,7 @@ def unroll(cfg: NonparametricConfig, state: NonparametricState,
         x, y = xy                                                        # [K, D], [K, C]
         logits = scores(cfg, state, x)
         out = StepOutput(logits=logits, loss=optax.softmax_cross_entropy(logits, y),
-                         correct=(jnp.argmax(logits, -1) == jnp.argmax(y, -1)
-                                  ).astype(jnp.float32))
+                         correct=correct_from_logits(logits, y, jnp.float32))
         return store(cfg, state, x, y), out
 
     state, out = jax.lax.scan(body, state, (inputs, labels))

@@ -29,8 +29,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from vsml_jax.learners import Learner, check_stream
-from vsml_jax.network import StepOutput
+from vsml_jax.learners import Learner, check_inputs, check_stream
+from vsml_jax.network import StepOutput, correct_from_logits
 
 OPTIMIZERS = ("adam", "sgd")
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
@@ -178,7 +178,7 @@ def unroll(cfg: OnlineGDConfig, state: OnlineGDState, data: Tuple[jax.Array, jax
             state.net, x, y)
         updates, opt_state = tx.update(grads, state.opt_state, state.net)
         net = optax.apply_updates(state.net, updates)
-        correct = (jnp.argmax(logits, -1) == jnp.argmax(y, -1)).astype(jnp.float32)
+        correct = correct_from_logits(logits, y, jnp.float32)
         return OnlineGDState(net=net, opt_state=opt_state), StepOutput(
             logits=logits, loss=losses, correct=correct)
 
@@ -224,8 +224,11 @@ def _shared_predict(cfg_without_lr: OnlineGDConfig) -> Callable:
     has no stream axis even after minibatch steps (one network learns from K
     examples per step).
     """
-    return lambda params, state, inputs: apply_net(cfg_without_lr, state.net,
-                                                   inputs.astype(jnp.float32))
+    def predict(params, state, inputs):
+        check_inputs("online GD predict", inputs, cfg_without_lr.num_inputs)
+        return apply_net(cfg_without_lr, state.net, inputs.astype(jnp.float32))
+
+    return predict
 
 
 def tanh_linear_learner(num_inputs: int, num_classes: int = 10, *,

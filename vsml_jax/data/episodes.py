@@ -5,34 +5,54 @@ examples (x_t, y_t) drawn from one dataset, which it has to learn online. Task
 augmentation (a random permutation of the classes, a random projection of the
 inputs) turns one dataset into many tasks for meta-training.
 
+A `Dataset` may be a mixture of several data sets (`make_mixture`): each
+episode is then drawn from one of them, chosen uniformly at random per episode.
+
 Everything here is pure JAX and deterministic given a PRNG key. Shapes:
 
     N  examples in a dataset       D  input size (784, 196 or 49)
-    T  episode length              C  number of classes (10)
-    B  episodes in a batch
+    T  episode length              C  number of classes (10 for MNIST)
+    B  episodes in a batch         P  data sets in a mixture
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsml_jax.data.sources import load_dataset
+# Re-exported: they used to live here.
+from vsml_jax.data.images import (  # noqa: F401
+    PIXEL_MEAN,
+    PIXEL_STD,
+    normalize,
+    normalize_images,
+    pool_images,
+)
 
-# Statistics used by the original VS-ML code for MNIST and Fashion-MNIST alike
-# (pixels scaled to [0, 1] first). One shared normalisation keeps inputs on the
-# same scale across datasets, which meta-generalisation to unseen datasets needs.
-PIXEL_MEAN = 0.13066047430038452
-PIXEL_STD = 0.3081078827381134
+
+class DatasetPart(NamedTuple):
+    """One data set inside a mixture (static metadata, hashable).
+
+    Attributes:
+      name: e.g. "mnist" or "npz:letters.npz".
+      source: the folder / file / tfds set it was read from.
+      size: its N_p rows, stored contiguously after the parts before it.
+      num_classes: its own C_p (<= the mixture's C).
+    """
+    name: str
+    source: str
+    size: int
+    num_classes: int
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["images", "labels"], meta_fields=["num_classes", "name"])
+    data_fields=["images", "labels"],
+    meta_fields=["num_classes", "name", "source", "parts"])
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """A supervised dataset held as JAX arrays (a pytree, so it can enter jit).
@@ -42,12 +62,18 @@ class Dataset:
       labels: int32 [N] class indices in 0..num_classes-1.
       num_classes: C (static).
       name: e.g. "mnist" (static, for logging).
+      source: where the data was read from, e.g. the IDX folder (static).
+      parts: () for one data set; for a mixture of P data sets, P
+        `DatasetPart`s whose rows lie one after the other in images/labels
+        (static). Episodes are then drawn from one part each.
     """
 
     images: jax.Array
     labels: jax.Array
     num_classes: int = 10
     name: str = ""
+    source: str = ""
+    parts: Tuple[DatasetPart, ...] = ()
 
     @property
     def num_examples(self) -> int:
@@ -59,70 +85,56 @@ class Dataset:
         """D."""
         return self.images.shape[1]
 
+    def part_offsets(self) -> np.ndarray:
+        """int [P] first row of each part (empty for a single data set)."""
+        sizes = [p.size for p in self.parts]
+        return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes \
+            else np.zeros((0,), np.int64)
+
 
 ArraysLike = Union[Dataset, Tuple[jax.Array, jax.Array]]
 
 
-# ------------------------------------------------------------ preprocessing
-def pool_images(images: jax.Array, pool: int) -> jax.Array:
-    """Average-pools square images over non-overlapping pool x pool blocks.
+def make_mixture(datasets: Sequence[Dataset], name: Optional[str] = None) -> Dataset:
+    """One Dataset from several, sampled one data set per episode.
+
+    Episodes drawn from the result (`sample_episode(s)`, and so
+    `vsml_jax.meta.objective.sample_batch`) come from one data set each, chosen
+    uniformly at random per episode (not in proportion to the sizes). Streams
+    from `vsml_jax.evaluation.make_streams` do the same per seed.
 
     Args:
-      images: [N, S, S] float images.
-      pool: block size; must divide S (for 28x28: 1, 2, 4, 7, 14, 28).
+      datasets: Datasets with the same input size D (build them with the same
+        pool / input_size); mixtures among them are flattened into their parts.
+      name: default the names joined by "+".
 
     Returns:
-      [N, S // pool, S // pool]; e.g. pool=4 turns 28x28 into 7x7 (49 inputs),
-      which keeps CPU experiments small.
+      Dataset with images [sum N_p, D], labels [sum N_p], C = max C_p (with
+      permute_labels an episode's labels are permuted among all C), and
+      `parts` describing where each data set lies. A single data set is
+      returned unchanged.
     """
-    n, h, w = images.shape
-    if pool < 1 or h % pool or w % pool:
-        raise ValueError(f"pool={pool} must be a positive divisor of the image size "
-                         f"{h}x{w}; use 1 (784 inputs), 2 (196) or 4 (49).")
-    if pool == 1:
-        return images
-    return images.reshape(n, h // pool, pool, w // pool, pool).mean(axis=(2, 4))
-
-
-@functools.partial(jax.jit, static_argnames="pool")
-def normalize_images(images: jax.Array, pool: int = 1) -> jax.Array:
-    """Turns uint8 images into the network's inputs.
-
-    pixels / 255, optional average pooling, then (x - PIXEL_MEAN) / PIXEL_STD,
-    then flattening. (Pooling commutes with the affine normalisation, so its
-    position does not change the result; it must come before flattening.)
-
-    Args:
-      images: uint8 [N, 28, 28].
-      pool: 1, 2 or 4 (see `pool_images`).
-
-    Returns:
-      float32 [N, (28 // pool) ** 2], i.e. [N, 784], [N, 196] or [N, 49].
-    """
-    x = jnp.asarray(images).astype(jnp.float32) / 255.0
-    x = pool_images(x, pool)
-    x = (x - PIXEL_MEAN) / PIXEL_STD
-    return x.reshape(x.shape[0], -1)
-
-
-def make_dataset(name: str, split: str, data_dir: Optional[str] = None, pool: int = 1,
-                 download: bool = False) -> Dataset:
-    """Loads MNIST or Fashion-MNIST and normalises it (see `load_dataset`).
-
-    Args:
-      name: "mnist" or "fashion_mnist".
-      split: "train" or "test".
-      data_dir: folder with ``<name>/`` sub-folders (else $VSML_DATA_DIR, ...).
-      pool: 1, 2 or 4 -> D = 784, 196 or 49.
-      download: fetch the files if no copy is found.
-
-    Returns:
-      Dataset with images float32 [N, D] and labels int32 [N], C = 10.
-    """
-    images, labels = load_dataset(name, split, data_dir=data_dir, download=download)
-    return Dataset(images=normalize_images(images, pool=pool),
-                   labels=jnp.asarray(labels, dtype=jnp.int32), num_classes=10,
-                   name=name)
+    datasets = list(datasets)
+    if not datasets:
+        raise ValueError("make_mixture needs at least one Dataset.")
+    if len(datasets) == 1:
+        return datasets[0]
+    dims = sorted({d.input_dim for d in datasets})
+    if len(dims) > 1:
+        listing = ", ".join(f"{d.name or '?'}: {d.input_dim}" for d in datasets)
+        raise ValueError(f"make_mixture: the data sets have different input sizes "
+                         f"({listing}); load them with the same pool / input_size.")
+    parts = []
+    for d in datasets:
+        parts.extend(d.parts or [DatasetPart(d.name, d.source, d.num_examples,
+                                             d.num_classes)])
+    return Dataset(
+        images=jnp.concatenate([jnp.asarray(d.images, jnp.float32) for d in datasets]),
+        labels=jnp.concatenate([jnp.asarray(d.labels, jnp.int32) for d in datasets]),
+        num_classes=max(d.num_classes for d in datasets),
+        name=name or "+".join(p.name for p in parts),
+        source="; ".join(p.source for p in parts),
+        parts=tuple(parts))
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples", "input_dim", "num_classes"))
@@ -181,13 +193,48 @@ def _draw_indices(key: jax.Array, n: int, length: int, replace: Optional[bool]) 
     return idx
 
 
+def _draw_part_indices(k_part: jax.Array, k_idx: jax.Array, parts, length: int,
+                       replace: Optional[bool]) -> jax.Array:
+    """[length] indices into one part of a mixture, the part uniformly at random.
+
+    Like `_draw_indices` within the part: without replacement (default when
+    length <= the smallest part, a static choice) the top-`length` of uniform
+    variates, those outside the part pushed below every other.
+    """
+    sizes = np.asarray([p.size for p in parts])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    n = int(sizes.sum())
+    part = jax.random.randint(k_part, (), 0, len(parts))
+    start, size = jnp.asarray(offsets)[part], jnp.asarray(sizes)[part]
+    if replace is None:
+        replace = length > int(sizes.min())
+    if replace:
+        return start + jax.random.randint(k_idx, (length,), 0, size)
+    if length > int(sizes.min()):
+        raise ValueError(f"cannot draw {length} examples without replacement from the "
+                         f"smallest data set of the mixture ({int(sizes.min())} "
+                         "examples); use replace=True or a shorter episode.")
+    rows = jnp.arange(n)
+    inside = (rows >= start) & (rows < start + size)
+    _, idx = jax.lax.top_k(jnp.where(inside, jax.random.uniform(k_idx, (n,)), -1.0), length)
+    return idx
+
+
 def _sample_episode(key, data, length, permute_labels, random_projection,
                     num_classes, replace):
     images, labels, c = _arrays(data, num_classes)
+    parts = data.parts if isinstance(data, Dataset) else ()
+    if len(parts) > 1:
+        # Only mixtures split off a key for the part: single data sets keep
+        # exactly the episodes they always had.
+        k_part, key = jax.random.split(key)
     # Always split three ways so that switching an augmentation on or off does
     # not change which examples an episode contains.
     k_idx, k_perm, k_proj = jax.random.split(key, 3)
-    idx = _draw_indices(k_idx, images.shape[0], length, replace)
+    if len(parts) > 1:
+        idx = _draw_part_indices(k_part, k_idx, parts, length, replace)
+    else:
+        idx = _draw_indices(k_idx, images.shape[0], length, replace)
     x = images[idx].astype(jnp.float32)
     y = labels[idx]
     if permute_labels:
@@ -212,13 +259,16 @@ def sample_episode(key: jax.Array, dataset_arrays: ArraysLike, length: int, *,
     Args:
       key: PRNG key; the same key gives the same episode.
       dataset_arrays: a `Dataset`, or a pair (images [N, D], labels int [N]).
+        From a mixture (`make_mixture`) the episode comes from one of its data
+        sets, chosen uniformly at random from the key.
       length: T (static).
       permute_labels: relabel the classes by a random permutation drawn per
         episode (task augmentation: the learner cannot memorise class ids).
       random_projection: multiply the inputs by a per-episode Gaussian matrix
         [D, D] with entries N(0, 1/D), which preserves their scale on average.
       num_classes: C; default the Dataset's, or 10 for a bare pair.
-      replace: draw with replacement; default only when T > N.
+      replace: draw with replacement; default only when T > N (for a mixture,
+        when T exceeds its smallest data set).
 
     Returns:
       inputs float32 [T, D] and labels_onehot float32 [T, C].

@@ -1,17 +1,23 @@
 """Finding, downloading and loading MNIST and Fashion-MNIST as uint8 arrays.
 
-`load_dataset` looks in these places, in order, and uses the first that has
-both files of the split (``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``):
+(Other data sets, from folders, files and tensorflow-datasets, are loaded by
+`vsml_jax.data.files`; `vsml_jax.data.make_dataset` takes both.)
 
-1. ``<data_dir>/<name>/`` for an explicit ``data_dir`` argument;
-2. ``$VSML_DATA_DIR/<name>/``;
-3. for fashion_mnist, ``/usr/share/datasets/fashion-mnist/`` (Debian package
+With an explicit ``data_dir`` argument, `load_dataset` looks only in
+``<data_dir>/<name>/`` (and with ``download=True`` downloads into it): a
+folder that was named but lacks the files is an error naming that folder, never
+a reason to read some other copy. Without one it looks in these places, in
+order, and uses the first that has both files of the split
+(``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``):
+
+1. ``$VSML_DATA_DIR/<name>/``;
+2. for fashion_mnist, ``/usr/share/datasets/fashion-mnist/`` (Debian package
    ``dataset-fashion-mnist``; the files sit directly in that folder);
-4. the user cache ``$VSML_CACHE_DIR/<name>/`` (default
+3. the user cache ``$VSML_CACHE_DIR/<name>/`` (default
    ``${XDG_CACHE_HOME:-~/.cache}/vsml_jax/<name>/``);
-5. tensorflow-datasets, if importable and the dataset was prepared before
+4. tensorflow-datasets, if importable and the dataset was prepared before
    (it is never asked to download);
-6. only with ``download=True``: the original URLs, into the cache of step 4,
+5. only with ``download=True``: the original URLs, into the cache of step 3,
    each file checked against its published MD5.
 
 There is no fallback to fake data: if every step fails, `DatasetNotFoundError`
@@ -52,12 +58,14 @@ class DatasetSpec:
 
     `mirrors` are base URLs tried in order; ``{name}`` in a URL is replaced by
     the dataset name. `system_dirs` are folders that OS packages install the
-    files into directly (no ``<name>`` sub-folder).
+    files into directly (no ``<name>`` sub-folder). `num_classes`: labels lie
+    in 0..num_classes-1 (checked on every load).
     """
 
     mirrors: Tuple[str, ...]
     md5: Mapping[str, str]
     system_dirs: Tuple[str, ...] = ()
+    num_classes: int = 10
 
 
 # Checksums of the original distributions, as listed by torchvision's MNIST and
@@ -157,10 +165,14 @@ def _find_in_dir(folder: str, filenames: Sequence[str]) -> Tuple[Optional[List[s
 
 def _candidate_dirs(name: str, data_dir: Optional[str],
                     cache_dir: Optional[str]) -> List[Tuple[str, str]]:
-    """Returns [(description, folder)] in look-up order."""
-    dirs = []
+    """Returns [(description, folder)] in look-up order.
+
+    An explicit data_dir is the only candidate: the defaults below are only
+    for when no folder was named.
+    """
     if data_dir is not None:
-        dirs.append(("data_dir argument", os.path.join(os.path.expanduser(data_dir), name)))
+        return [("data_dir argument", os.path.join(os.path.expanduser(data_dir), name))]
+    dirs = []
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         dirs.append((f"${DATA_DIR_ENV}", os.path.join(os.path.expanduser(env), name)))
@@ -175,29 +187,51 @@ def _candidate_dirs(name: str, data_dir: Optional[str],
 
 # -------------------------------------------------------------------- loading
 @functools.lru_cache(maxsize=16)
-def _load_idx_pair_cached(images_path: str, labels_path: str,
-                          _stamp: Tuple) -> Tuple[np.ndarray, np.ndarray]:
-    images = read_idx(images_path, expect_dtype=np.uint8, expect_ndim=3)
-    labels = read_idx(labels_path, expect_dtype=np.uint8, expect_ndim=1)
-    check_images_labels(images, labels, images_path=images_path, labels_path=labels_path)
+def _load_idx_pair_cached(images_path: str, labels_path: str, _stamp: Tuple,
+                          num_classes: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    if num_classes is None:  # any IDX image set: grey or colour, labels checked later
+        images = read_idx(images_path)
+        labels = read_idx(labels_path, expect_ndim=1)
+        if images.ndim not in (3, 4):
+            raise IDXError(f"{images_path}: images have shape {images.shape}; an image "
+                           "file holds [N, H, W] (grey) or [N, H, W, C] (colour) arrays.")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise IDXError(f"{labels_path}: labels have dtype {labels.dtype}; class "
+                           "labels must be integers 0..C-1.")
+        check_images_labels(images, labels, num_classes=int(labels.max(initial=0)) + 1,
+                            images_path=images_path, labels_path=labels_path)
+    else:  # MNIST and Fashion-MNIST: exactly the published layout
+        images = read_idx(images_path, expect_dtype=np.uint8, expect_ndim=3)
+        labels = read_idx(labels_path, expect_dtype=np.uint8, expect_ndim=1)
+        check_images_labels(images, labels, num_classes=num_classes,
+                            images_path=images_path, labels_path=labels_path)
     labels = labels.astype(np.int32)
     labels.flags.writeable = False
     return images, labels
 
 
-def load_idx_pair(images_path: str, labels_path: str) -> Tuple[np.ndarray, np.ndarray]:
+def load_idx_pair(images_path: str, labels_path: str, num_classes: Optional[int] = 10
+                  ) -> Tuple[np.ndarray, np.ndarray]:
     """Reads and cross-checks an image file and its label file.
 
     The result is cached in-process keyed by the resolved paths (plus size and
     modification time, so a re-downloaded file is re-read): experiments reload
     the same split many times, and decompressing 60,000 images takes a while.
 
+    Args:
+      images_path, labels_path: the two IDX files (gzipped or not).
+      num_classes: the published layout of MNIST-like sets (uint8 [N, H, W]
+        images, uint8 labels in 0..num_classes-1); None accepts any IDX image
+        file ([N, H, W] or [N, H, W, C], any IDX dtype) with integer labels
+        (whose range the caller checks).
+
     Returns:
-      images: read-only uint8 [N, 28, 28]; labels: read-only int32 [N].
+      images: read-only [N, H, W(, C)] (uint8 [N, 28, 28] for MNIST);
+      labels: read-only int32 [N].
     """
     paths = (os.path.realpath(images_path), os.path.realpath(labels_path))
     stamp = tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
-    return _load_idx_pair_cached(*paths, stamp)
+    return _load_idx_pair_cached(*paths, stamp, num_classes)
 
 
 @functools.lru_cache(maxsize=8)
@@ -209,7 +243,8 @@ def _load_tfds(name: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
     if images.ndim == 4:  # tfds stores [N, 28, 28, 1]
         images = images[..., 0]
     labels = np.asarray(data["label"]).astype(np.int32)
-    check_images_labels(images, labels, images_path=f"tfds:{name}/{split}",
+    check_images_labels(images, labels, num_classes=DATASETS[name].num_classes,
+                        images_path=f"tfds:{name}/{split}",
                         labels_path=f"tfds:{name}/{split}")
     images.flags.writeable = False
     labels.flags.writeable = False
@@ -218,8 +253,11 @@ def _load_tfds(name: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def clear_cache() -> None:
     """Forgets every array loaded so far (frees memory, forces re-reading)."""
+    from vsml_jax.data import files  # imports this module: import it late
+
     _load_idx_pair_cached.cache_clear()
     _load_tfds.cache_clear()
+    files.clear_file_caches()
 
 
 # ---------------------------------------------------------------- downloading
@@ -368,39 +406,65 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None,
     Args:
       name: "mnist" or "fashion_mnist".
       split: "train" or "test".
-      data_dir: folder holding ``<name>/`` sub-folders; looked at first.
-      download: fetch the files into the cache if no copy is found.
+      data_dir: folder holding ``<name>/``; when given, the only place looked
+        at (and, with download=True, where the files are downloaded to).
+      download: fetch the files if no copy is found: into ``<data_dir>/<name>/``
+        when data_dir is given, else into the cache.
       cache_dir: cache root instead of $VSML_CACHE_DIR / ~/.cache/vsml_jax.
       mirrors: base URLs to download from (default $VSML_DATA_MIRROR or the
         original locations).
       checksums: {file name: MD5} to verify downloads against (default the
         published checksums).
-      use_tfds: also try tensorflow-datasets' prepared data.
+      use_tfds: also try tensorflow-datasets' prepared data (only without an
+        explicit data_dir).
 
     Returns:
       images: read-only uint8 [N, 28, 28]; labels: read-only int32 [N] in 0..9.
       The arrays are shared with an in-process cache: copy before mutating.
 
     Raises:
-      DatasetNotFoundError: no copy anywhere (message lists every place tried).
+      DatasetNotFoundError: no copy anywhere (message lists every place tried),
+        or none in an explicit data_dir (message names it).
       IDXError: a copy was found but is corrupt.
       DownloadError / ChecksumError: download=True and the download failed.
     """
+    images, labels, _ = locate_dataset(name, split, data_dir, download, cache_dir=cache_dir,
+                                       mirrors=mirrors, checksums=checksums,
+                                       use_tfds=use_tfds)
+    return images, labels
+
+
+def locate_dataset(name: str, split: str, data_dir: Optional[str] = None,
+                   download: bool = False, *, cache_dir: Optional[str] = None,
+                   mirrors: Optional[Sequence[str]] = None,
+                   checksums: Optional[Mapping[str, str]] = None,
+                   use_tfds: bool = True) -> Tuple[np.ndarray, np.ndarray, str]:
+    """`load_dataset` that also says where the data came from.
+
+    Returns:
+      (images uint8 [N, 28, 28], labels int32 [N], source): source is the
+      folder the IDX files were read from (after a download, the folder they
+      were downloaded into), or "tfds:NAME" for tensorflow-datasets' copy.
+    """
     spec = _spec(name)
     images_fn, labels_fn = split_files(split)
+    if data_dir is not None:
+        return _load_from_explicit_dir(name, split, data_dir, download, mirrors=mirrors,
+                                       checksums=checksums)
     tried = []
-    for what, folder in _candidate_dirs(name, data_dir, cache_dir):
+    for what, folder in _candidate_dirs(name, None, cache_dir):
         if not folder:
             tried.append(f"{what}: not set")
             continue
         paths, reason = _find_in_dir(folder, (images_fn, labels_fn))
         if paths is not None:
-            return load_idx_pair(*paths)
+            return (*load_idx_pair(*paths, num_classes=spec.num_classes),
+                    os.path.dirname(os.path.abspath(paths[0])))
         tried.append(f"{what} {folder}: {reason}")
 
     if use_tfds:
         try:
-            return _load_tfds(name, split)
+            return (*_load_tfds(name, split), f"tfds:{name}")
         except ImportError as e:
             tried.append(f"tensorflow_datasets: not importable ({e})")
         except IDXError:
@@ -414,7 +478,8 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None,
     if download:
         paths = download_dataset(name, split, cache_dir, mirrors=mirrors,
                                  checksums=checksums)
-        return load_idx_pair(*paths)
+        return (*load_idx_pair(*paths, num_classes=spec.num_classes),
+                os.path.dirname(os.path.abspath(paths[0])))
     tried.append("download: not attempted (download=False)")
 
     cache_folder = _candidate_dirs(name, None, cache_dir)[-1][1]
@@ -424,8 +489,31 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None,
     ]
     if spec.system_dirs:
         fixes.append("apt-get install dataset-fashion-mnist")
-    fixes.append(f"pass download=True to fetch the files into {cache_folder}")
+    fixes.append(f"pass download=True (--download) to fetch the files into {cache_folder}")
     raise DatasetNotFoundError(
         f"dataset {name!r} split {split!r} not found. Looked in:\n  - "
         + "\n  - ".join(tried)
         + "\nTo fix it, do one of:\n  - " + "\n  - ".join(fixes))
+
+
+def _load_from_explicit_dir(name: str, split: str, data_dir: str, download: bool, *,
+                            mirrors, checksums) -> Tuple[np.ndarray, np.ndarray, str]:
+    """The data_dir branch of `locate_dataset`: that folder or an error naming it."""
+    spec = _spec(name)
+    images_fn, labels_fn = split_files(split)
+    folder = os.path.join(os.path.expanduser(data_dir), name)
+    paths, reason = _find_in_dir(folder, (images_fn, labels_fn))
+    if paths is None and download:
+        # Into the named folder, so the next run finds the files there.
+        paths = download_dataset(name, split, data_dir, mirrors=mirrors,
+                                 checksums=checksums)
+    if paths is None:
+        raise DatasetNotFoundError(
+            f"dataset {name!r} split {split!r} not found in the data_dir given "
+            f"({data_dir}): {folder}: {reason}. An explicit data_dir is the only place "
+            f"looked at (${DATA_DIR_ENV}, the cache and the other defaults are used "
+            f"only without one). To fix it, put {images_fn} and {labels_fn} (or the "
+            f"same without .gz) into {folder}, pass download=True (--download) to "
+            f"fetch them there, or leave data_dir (--data_dir) unset.")
+    return (*load_idx_pair(*paths, num_classes=spec.num_classes),
+            os.path.dirname(os.path.abspath(paths[0])))

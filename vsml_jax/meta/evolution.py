@@ -17,6 +17,7 @@ The population can be sharded over devices (`vsml_jax.meta.sharding`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -24,12 +25,13 @@ import jax.numpy as jnp
 import optax
 from evosax import algorithms as ea
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from vsml_jax.data import Dataset
 from vsml_jax.learners import Learner
 from vsml_jax.meta.objective import EpisodeSpec, episodes_loss, sample_batch
-from vsml_jax.meta.sharding import check_population_size, shard_population
+from vsml_jax.meta.sharding import check_population_size, replicated, shard_population
+from vsml_jax.runtime import put_replicated
 from vsml_jax.training.loop import strong_types
 
 # Short flag names -> evosax 0.3.2 class names; any exact class name also works.
@@ -165,7 +167,7 @@ def make_step_fn(learner: Learner, strategy, es_params, data: Dataset,
 
     sharded_fitness = shard_population(fitness_fn, mesh)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=None if mesh is None else replicated(mesh))
     def _step(state: EvolutionTrainState, data: Dataset):
         key, k_ask, k_data, k_state, k_tell = jax.random.split(state.key, 5)
         population, s = strategy.ask(k_ask, state.strategy_state, es_params)
@@ -180,14 +182,11 @@ def make_step_fn(learner: Learner, strategy, es_params, data: Dataset,
         s = strong_types(s)  # e.g. a Python-float std from a schedule
         return EvolutionTrainState(step=state.step + 1, strategy_state=s, key=key), metrics
 
-    if mesh is None:
-        return lambda state: _step(state, data)
-    # Keep state and data replicated over the mesh: the step's outputs come
-    # back replicated, and an input placed differently (e.g. the initial state
-    # on one device) would make the step compile a second time.
-    replicated = NamedSharding(mesh, P())
-    data = jax.device_put(data, replicated)
-    return lambda state: _step(jax.device_put(state, replicated), data)
+    if mesh is not None:
+        # The state arrives replicated on the mesh (the training loop builds
+        # it with jit, identically on every process); data is put the same way.
+        data = put_replicated(data, replicated(mesh))
+    return lambda state: _step(state, data)
 
 
 def mean_params(strategy, state: EvolutionTrainState) -> Any:

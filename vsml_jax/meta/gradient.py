@@ -17,16 +17,20 @@ memory bounded for long episodes.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
 from vsml_jax.data import Dataset
 from vsml_jax.learners import Learner
 from vsml_jax.meta.objective import EpisodeSpec, episode_batch_loss
+from vsml_jax.meta.sharding import check_divisible, replicated
+from vsml_jax.runtime import put_replicated
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -55,6 +59,11 @@ def make_optimizer(name: str = "adam", lr: float = 1e-2, clip_norm: Optional[flo
 
     With decay_steps > 0 the learning rate follows a cosine from `lr` down to
     `final_lr_fraction * lr` over `decay_steps` steps, then stays there.
+
+    The optimiser state has the same structure whatever the settings (the
+    clipping stage is always there, with an infinite bound when off, and the
+    rate is always a schedule), so a run may resume with a new learning rate,
+    schedule or clipping.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"meta optimizer {name!r} is unknown for gradient training; "
@@ -63,13 +72,16 @@ def make_optimizer(name: str = "adam", lr: float = 1e-2, clip_norm: Optional[flo
         raise ValueError(f"lr={lr} must be positive.")
     if decay_steps < 0:
         raise ValueError(f"decay_steps={decay_steps} must be >= 0 (0: constant lr).")
+    if not 0 <= final_lr_fraction <= 1:
+        raise ValueError(f"final_lr_fraction={final_lr_fraction} must be in [0, 1] (a "
+                         "negative one turns the schedule into gradient ascent).")
+    if clip_norm is not None and clip_norm < 0:
+        raise ValueError(f"clip_norm={clip_norm} must be >= 0 (0 or None: off).")
     schedule = (optax.cosine_decay_schedule(lr, decay_steps, alpha=final_lr_fraction)
-                if decay_steps else lr)
+                if decay_steps else optax.constant_schedule(lr))
     base = (optax.adam(schedule, b1=b1, b2=b2) if name == "adam"
             else optax.sgd(schedule, momentum=momentum or None))
-    if clip_norm:
-        return optax.chain(optax.clip_by_global_norm(clip_norm), base)
-    return base
+    return optax.chain(optax.clip_by_global_norm(clip_norm or float("inf")), base)
 
 
 def make_init_fn(learner: Learner, optimizer: optax.GradientTransformation, seed: int,
@@ -94,7 +106,7 @@ def make_init_fn(learner: Learner, optimizer: optax.GradientTransformation, seed
 
 
 def make_step_fn(learner: Learner, optimizer: optax.GradientTransformation,
-                 data: Dataset, spec: EpisodeSpec
+                 data: Dataset, spec: EpisodeSpec, mesh: Optional[Mesh] = None
                  ) -> Callable[[GradientTrainState], Tuple[GradientTrainState, Dict]]:
     """A jitted meta-training step: sample episodes, BPTT, optimiser update.
 
@@ -104,14 +116,22 @@ def make_step_fn(learner: Learner, optimizer: optax.GradientTransformation,
       data: the meta-training dataset (images [N, D], labels [N]); passed to the
         jitted function as an argument, not baked in as a constant.
       spec: episode length, batch and augmentation.
+      mesh: data parallelism: the batch of episodes is split over this mesh
+        (all devices of all processes), params, optimiser state and data are
+        replicated, and XLA all-reduces the gradient. `spec.batch` must be a
+        multiple of the mesh size. The state passed in must be replicated on
+        the mesh (the training loop does this).
     Returns:
       step_fn(state) -> (new state, {"loss", "accuracy", "grad_norm"}) where
       loss/accuracy are those of the episodes used for this step (before the
       update).
     """
-    @jax.jit
+    if mesh is not None:
+        check_divisible("--batch_size", spec.batch, mesh)
+
+    @functools.partial(jax.jit, out_shardings=None if mesh is None else replicated(mesh))
     def _step(state: GradientTrainState, data: Dataset):
-        loss_fn = lambda p, k: episode_batch_loss(learner, p, k, data, spec)
+        loss_fn = lambda p, k: episode_batch_loss(learner, p, k, data, spec, mesh)
         key, sub = jax.random.split(state.key)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, sub)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -121,4 +141,6 @@ def make_step_fn(learner: Learner, optimizer: optax.GradientTransformation,
                                        opt_state=opt_state, key=key)
         return new_state, metrics
 
+    if mesh is not None:
+        data = put_replicated(data, replicated(mesh))
     return lambda state: _step(state, data)

@@ -14,13 +14,15 @@ jitted. All randomness (episodes, initial states) comes from `key`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from vsml_jax.data import Dataset, sample_episodes
 from vsml_jax.learners import Learner
+from vsml_jax.meta.sharding import shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,7 @@ def sample_batch(key: jax.Array, data: Dataset, spec: EpisodeSpec
 
 
 def episodes_loss(learner: Learner, params: Any, key: jax.Array,
-                  episodes: Tuple[jax.Array, jax.Array]
+                  episodes: Tuple[jax.Array, jax.Array], mesh: Optional[Mesh] = None
                   ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Mean online CE of `learner` on given episodes, fresh states from `key`.
 
@@ -64,13 +66,17 @@ def episodes_loss(learner: Learner, params: Any, key: jax.Array,
       params: its meta variables.
       key: PRNG key for the initial states (one per episode).
       episodes: (inputs [E, T, D], labels one-hot [E, T, C]).
+      mesh: inside jit, split the E episodes over this device mesh (data
+        parallelism; E must be a multiple of its size). The numbers do not
+        depend on it beyond float reassociation of the mean.
     Returns:
       (loss [], {"loss": [], "accuracy": []}); accuracy is the mean online
       accuracy over all steps and episodes.
     """
-    inputs, labels = episodes
+    inputs, labels = shard_batch(episodes, mesh)
     num_episodes = inputs.shape[0]
-    states = jax.vmap(learner.init_state)(jax.random.split(key, num_episodes))
+    states = shard_batch(jax.vmap(learner.init_state)(jax.random.split(key, num_episodes)),
+                         mesh)
 
     def run(state, x, y):
         _, out = learner.unroll(params, state, (x, y))
@@ -82,7 +88,8 @@ def episodes_loss(learner: Learner, params: Any, key: jax.Array,
 
 
 def episode_batch_loss(learner: Learner, params: Any, key: jax.Array, data: Dataset,
-                       spec: EpisodeSpec) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                       spec: EpisodeSpec, mesh: Optional[Mesh] = None
+                       ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """The meta-loss: sample `spec.batch` episodes from `data` with `key`, run them.
 
     Args:
@@ -93,11 +100,12 @@ def episode_batch_loss(learner: Learner, params: Any, key: jax.Array, data: Data
       key: PRNG key; it decides the episodes and the initial states.
       data: a `vsml_jax.data.Dataset` with images [N, D] and labels [N].
       spec: episode length, batch and task augmentation.
+      mesh: split the batch of episodes over this mesh (see `episodes_loss`).
     Returns:
       (loss [], metrics {"loss", "accuracy"}).
     """
     k_data, k_state = jax.random.split(key)
-    return episodes_loss(learner, params, k_state, sample_batch(k_data, data, spec))
+    return episodes_loss(learner, params, k_state, sample_batch(k_data, data, spec), mesh)
 
 
 def meta_test_accuracy(learner: Learner, params: Any, key: jax.Array, data: Dataset,

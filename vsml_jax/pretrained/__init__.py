@@ -18,7 +18,11 @@ shipped in this package) and rebuilds the Learner: the config from the JSON,
 a params template from the learner's `init_params`, then
 `flax.serialization.from_bytes`. Because VS-ML's meta variables do not depend
 on the layer widths, a VS-ML learner can be loaded with another input size
-(`input_size=784` for one trained on 7x7-pooled images).
+(`input_size=784` for one trained on 7x7-pooled images) and another number of
+classes (`num_classes=26` for one meta-trained on 10). The same holds for any
+learner whose meta variables keep their shapes (the learned Hebbian rule);
+one whose shapes change (the Meta RNN: its weights read D inputs and write C
+logits) is refused with a LearnerFileError.
 """
 from __future__ import annotations
 
@@ -144,14 +148,65 @@ def config_from_info(info: Dict[str, Any], where: str) -> Tuple[str, Any]:
         raise LearnerFileError(f"{where}: invalid {cls.__name__}: {e}") from e
 
 
-def load_learner(spec: str, input_size: Optional[int] = None) -> LoadedLearner:
+def _resized_config(name: str, cfg: Any, input_size: Optional[int],
+                    num_classes: Optional[int]) -> Any:
+    """cfg with another input size and/or class count (None: keep)."""
+    d = int(input_size) if input_size is not None else cfg.input_size
+    c = int(num_classes) if num_classes is not None else cfg.num_classes
+    if (d, c) == (cfg.input_size, cfg.num_classes):
+        return cfg
+    if isinstance(cfg, VSMLConfig):
+        return cfg.replace(layer_sizes=(d,) + tuple(cfg.layer_sizes[1:-1]) + (c,))
+    return dataclasses.replace(cfg, num_inputs=d, num_classes=c)
+
+
+def _param_shapes(learner: Learner) -> List[Tuple[str, Tuple[int, ...]]]:
+    """[(path, shape)] of a learner's meta variables, computed without data."""
+    shapes = jax.eval_shape(learner.init_params, jax.random.key(0))
+    return [(jax.tree_util.keystr(path), tuple(leaf.shape))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+
+
+def _check_resizable(spec: str, name: str, cfg: Any, new_cfg: Any,
+                     pool: Optional[int]) -> None:
+    """LearnerFileError unless new_cfg's meta variables have cfg's shapes."""
+    build = LEARNER_TYPES[name][1]
+    before, after = _param_shapes(build(cfg)), _param_shapes(build(new_cfg))
+    if before == after:
+        return
+    diff = next(f"{p}: {a} -> {b}" for (p, a), (_, b) in zip(before, after) if a != b)
+    problems, fixes = [], []
+    if new_cfg.input_size != cfg.input_size:
+        problems.append(f"cannot run on {new_cfg.input_size} inputs (trained on "
+                        f"{cfg.input_size})")
+        fixes.append(f"feed it {cfg.input_size} inputs (the pooling it was trained "
+                     f"with: pool={pool})" if pool else
+                     f"feed it {cfg.input_size} inputs (input_size={cfg.input_size})")
+    if new_cfg.num_classes != cfg.num_classes:
+        problems.append(f"cannot run on {new_cfg.num_classes} classes (trained for "
+                        f"{cfg.num_classes})")
+        fixes.append(f"use it on data sets with {cfg.num_classes} classes, or "
+                     f"meta-train a {name} learner on a {new_cfg.num_classes}-class data "
+                     f"set (experiments.meta_train --learner={name} --dataset=SPEC)")
+    raise LearnerFileError(
+        f"{spec}: the {name} learner {' and '.join(problems)}: the shapes of its meta "
+        f"variables depend on them ({diff}). To fix it, {'; or '.join(fixes)}; or use a "
+        "VS-ML learner, whose meta variables fit any input size and class count.")
+
+
+def load_learner(spec: str, input_size: Optional[int] = None,
+                 num_classes: Optional[int] = None) -> LoadedLearner:
     """Loads a learner from a meta_train workdir or "pretrained:NAME".
 
     Args:
       spec: directory or "pretrained:NAME".
-      input_size: run the learner on this many inputs. Allowed for VS-ML (it
-        replaces layer_sizes[0]; V_M does not depend on it); for other learners
-        it must equal the trained input size.
+      input_size: run the learner on this many inputs (None: as trained).
+      num_classes: run it on this many classes (None: as trained).
+        Both are allowed when the meta variables keep their shapes: for VS-ML
+        (they replace layer_sizes[0] and layer_sizes[-1]; V_M depends on
+        neither) and the learned Hebbian rule. A learner whose meta variables
+        change shape (the Meta RNN) raises LearnerFileError naming the problem
+        and the fix.
     Returns:
       LoadedLearner.
     """
@@ -165,16 +220,12 @@ def load_learner(spec: str, input_size: Optional[int] = None) -> LoadedLearner:
         raise LearnerFileError(f"{json_path} has format {info.get('format')!r}; this "
                                f"version of vsml_jax reads {LEARNER_FORMAT!r}.")
     name, cfg = config_from_info(info, json_path)
-    trained_inputs = cfg.input_size
     pool = (info.get("input") or {}).get("pool", (info.get("flags") or {}).get("pool"))
-    pool = int(pool) if pool is not None else infer_pool(trained_inputs)
-    if input_size is not None and input_size != trained_inputs:
-        if name != "vsml":
-            raise LearnerFileError(
-                f"{spec}: the {name} learner was trained on {trained_inputs} inputs and "
-                f"cannot run on {input_size}; use the pooling it was trained with "
-                f"(pool={pool}).")
-        cfg = cfg.replace(layer_sizes=(int(input_size),) + cfg.layer_sizes[1:])
+    pool = int(pool) if pool is not None else infer_pool(cfg.input_size)
+    new_cfg = _resized_config(name, cfg, input_size, num_classes)
+    if new_cfg != cfg:
+        _check_resizable(spec, name, cfg, new_cfg, pool)
+        cfg = new_cfg
     learner = LEARNER_TYPES[name][1](cfg)
     # Only the structure and shapes matter to from_bytes: no random numbers needed.
     template = jax.tree_util.tree_map(

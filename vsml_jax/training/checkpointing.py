@@ -14,6 +14,10 @@ prefix or (as written at the end of a meta-training run) by a folder:
 
 For VS-ML, "config" holds the `VSMLConfig` fields, which is enough to rebuild
 the params structure (see `load_vsml_learner`).
+
+`restore_latest_good` resumes from the newest checkpoint that restores: a
+damaged newer one (truncated data, missing files, an empty step folder) is
+moved aside to `<checkpoints>_damaged/` and reported, never deleted.
 """
 from __future__ import annotations
 
@@ -21,9 +25,11 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
@@ -84,6 +90,155 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     with _quiet():
         return manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint of a directory restores; nothing was moved or deleted.
+
+    Attributes:
+      failures: [(step, reason)], newest first.
+    """
+
+    def __init__(self, message: str, failures: List[Tuple[int, str]]):
+        super().__init__(message)
+        self.failures = failures
+
+
+DAMAGED_SUFFIX = "_damaged"
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line description of a restore error (tensorstore's messages run to pages)."""
+    text = " ".join(str(error).split())
+    if len(text) > 300:
+        text = text[:300] + " ..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _step_path(manager: ocp.CheckpointManager, step: int):
+    """The folder of `step` (an etils.epath.Path) under a `make_manager` manager."""
+    try:
+        return ocp.step.find_step_path(manager.directory, ocp.step.standard_name_format(),
+                                       step=step)
+    except (ValueError, FileNotFoundError):
+        return manager.directory / str(step)
+
+
+def _try_restore(directory: str, step: int, abstract: Any) -> Tuple[bool, Any]:
+    """(True, state) if checkpoint `step` restores, else (False, reason).
+
+    A throwaway manager per attempt: a CheckpointManager fixes its item layout
+    from the first step it restores, so after trying an empty step folder it
+    fails on every other step too ("Must provide `args` of type `Composite`").
+    """
+    manager = make_manager(directory)
+    try:
+        with _quiet():
+            return True, manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+        return False, _reason(e)
+    finally:
+        close(manager)
+
+
+def _agree(ok: bool) -> bool:
+    """Whether `ok` holds on every process (all must restore the same step)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Moves the folder of checkpoint `step` to `<checkpoints>_damaged/<step>-<UTC time>`.
+
+    Outside the manager's directory, so orbax neither lists nor prunes it.
+    Returns the new path. Call on one process only.
+    """
+    src = _step_path(manager, step)
+    damaged = src.parent.parent / (src.parent.name + DAMAGED_SUFFIX)
+    damaged.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dst, n = damaged / f"{src.name}-{stamp}", 1
+    while dst.exists():
+        n += 1
+        dst = damaged / f"{src.name}-{stamp}-{n}"
+    src.rename(dst)
+    return str(dst)
+
+
+def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
+                        is_primary: Optional[bool] = None
+                        ) -> Tuple[Optional[int], Any, List[Tuple[int, str]]]:
+    """Restores the newest checkpoint that restores, moving damaged newer ones aside.
+
+    Tries the steps of `manager` (a `make_manager` manager) newest first. A
+    step that fails to restore (truncated data, missing files, an empty step
+    folder, a tree that does not fit `target`, ...) gets a warning naming it
+    and the reason. Once a step restores, the failed newer ones are moved to
+    `<checkpoints>_damaged/` (by the primary process; see `move_aside`),
+    never deleted, and `manager` is reloaded so that it saves on from there.
+
+    If no step restores, nothing is moved and `CheckpointRestoreError` is
+    raised: a failure of every step points at a cause outside the files (the
+    train state's structure changed, a filesystem error), and starting from
+    scratch would bury the run's progress under a new one.
+
+    Multi-process jobs: every process calls this (orbax restores are
+    collective); the processes agree on each step's outcome, only the primary
+    one moves folders, and all wait for it before reloading the manager.
+
+    Args:
+      manager: the run's CheckpointManager (reloaded in place).
+      target: a pytree like the saved one (as for `restore`).
+      is_primary: whether this process moves damaged folders (default:
+        jax.process_index() == 0).
+    Returns:
+      (step, state, skipped): the restored step and state, or (None, None, [])
+      when there is no checkpoint; skipped lists (step, reason) of the newer
+      steps that failed and were moved aside, newest first.
+    Raises:
+      CheckpointRestoreError: there are checkpoints but none restores.
+    """
+    if is_primary is None:
+        is_primary = jax.process_index() == 0
+    directory = str(manager.directory)
+    with _quiet():
+        manager.reload()
+        steps = sorted(manager.all_steps(), reverse=True)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    failures: List[Tuple[int, str]] = []
+    for step in steps:
+        ok, result = _try_restore(directory, step, abstract)
+        if _agree(ok):
+            break
+        reason = result if not ok else "another process could not restore it"
+        logging.warning("The checkpoint of step %d in %s does not restore (%s)%s.", step,
+                        directory, reason,
+                        "; trying the next older one" if step != steps[-1] else "")
+        failures.append((step, reason))
+    else:
+        if not steps:
+            return None, None, []
+        listing = "; ".join(f"step {s}: {r}" for s, r in failures)
+        raise CheckpointRestoreError(
+            f"None of the checkpoints in {directory} restores ({listing}). Nothing was "
+            "moved or deleted. When every step fails alike, the cause is usually not "
+            "the files: the train state's structure differs from the saved one (resume "
+            "with the code and flags that wrote them), or the file system failed. To "
+            f"start from scratch instead, use another --workdir or move {directory} "
+            "away.", failures)
+    if failures:
+        if is_primary:
+            for bad, _ in failures:
+                logging.warning("Moved the damaged checkpoint of step %d to %s.", bad,
+                                move_aside(manager, bad))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("vsml_jax:damaged_checkpoints_moved")
+        with _quiet():
+            manager.reload()
+    return step, result, failures
 
 
 # -------------------------------------------------------- portable learners

@@ -15,31 +15,38 @@ caller-supplied functions:
 
 and takes care of everything around them, all kept in `workdir`:
 
+    .lock           held while the run is live (host, PID, start time); a
+                    second run on the same workdir is refused.
     config.json     the resolved run configuration. On resume it must match the
                     new configuration except for keys listed as safe to change
-                    (e.g. num_steps); otherwise the loop refuses to continue.
+                    (num_steps, optimiser settings, ...; changes are recorded);
+                    otherwise the loop refuses to continue.
     checkpoints/    orbax checkpoints of the whole train state (atomic saves,
-                    the newest `max_to_keep` kept). The newest one is restored
-                    on start, so re-running the same command resumes the run.
+                    the newest `max_to_keep` kept). The newest one that
+                    restores is restored on start (damaged ones are moved
+                    aside), so re-running the same command resumes the run.
     metrics.jsonl   one JSON object per line: {"step", "split", **metrics};
                     split "train" every step, eval splits every eval_every
                     steps. On resume, lines after the restored step are dropped,
-                    so the file equals that of an uninterrupted run.
+                    so the file equals that of an uninterrupted run. The same
+                    scalars go to TensorBoard event files (`metrics.MetricsWriter`).
 
 Because the state carries the key and checkpoints hold the whole state, a run
-stopped at any point and resumed gives bit-identical params and metrics.
+stopped at any point and resumed gives bit-identical params and metrics. On
+SIGTERM (preemption) every process saves at the same step and `run` returns.
 
 A non-finite loss (or a non-finite train state about to be checkpointed)
 stops the run with `FloatingPointError`; the bad state is never written, so the
 last checkpoint stays good.
 
 Example:
-    final_state = run("/tmp/run", init_fn, step_fn, num_steps=1000,
-                      config_dict=vars_of_flags, checkpoint_every=100,
-                      log_every=10)
+    result = run("/tmp/run", init_fn, step_fn, num_steps=1000,
+                 config_dict=vars_of_flags, checkpoint_every=100, log_every=10)
+    result.state, result.step, result.preempted
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -51,15 +58,21 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from vsml_jax import runtime
 from vsml_jax.training import checkpointing
+from vsml_jax.training import metrics as metrics_lib
+from vsml_jax.training import workdir as workdir_lib
+from vsml_jax.training.metrics import read_metrics  # noqa: F401  (part of this API)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+RESUME_CHANGES = "resume_changes"
 
-# Keys that only change how long or how verbosely a run goes, not its numbers.
+# Keys that may change on resume: how long or how verbosely a run goes, where
+# its data is read, and (listed by the entry points) optimiser settings.
 DEFAULT_SAFE_TO_CHANGE = ("num_steps", "checkpoint_every", "log_every", "eval_every",
-                          "workdir", "data_dir", "max_to_keep")
+                          "workdir", "data_dir", "download", "max_to_keep")
 
 Metrics = Dict[str, float]
 EvalFn = Callable[[Any], Mapping[str, Mapping[str, float]]]
@@ -76,21 +89,34 @@ def _normalise(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def check_and_write_config(workdir: str, config_dict: Mapping[str, Any],
-                           safe_to_change: Iterable[str], has_checkpoint: bool) -> None:
+                           safe_to_change: Iterable[str], has_checkpoint: bool, *,
+                           write: bool = True, step: Optional[int] = None) -> None:
     """Writes workdir/config.json, refusing a resume under a different config.
 
+    Keys in `safe_to_change` (optimiser settings, cadences, num_steps) may
+    differ on resume: each change is logged and appended to the
+    "resume_changes" list of config.json ({"step", "changes": {key: [old,
+    new]}}), which is kept across resumes.
+
+    Args:
+      write: False only checks (what every process of a multi-process job does
+        before process 0 writes).
+      step: the step resumed from (recorded with the changes).
     Raises:
       ConfigMismatchError naming every differing key (old -> new) when a
       checkpoint exists and a key outside `safe_to_change` differs.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     new = _normalise(config_dict)
+    history = []
     if has_checkpoint and os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        history = old.pop(RESUME_CHANGES, [])
         safe = set(safe_to_change)
-        diff = sorted(k for k in set(old) | set(new)
-                      if k not in safe and old.get(k, "<missing>") != new.get(k, "<missing>"))
+        keys = sorted(set(old) | set(new))
+        changed = lambda k: old.get(k, "<missing>") != new.get(k, "<missing>")
+        diff = [k for k in keys if k not in safe and changed(k)]
         if diff:
             lines = "; ".join(f"{k}: {old.get(k, '<missing>')!r} -> "
                               f"{new.get(k, '<missing>')!r}" for k in diff)
@@ -99,6 +125,15 @@ def check_and_write_config(workdir: str, config_dict: Mapping[str, Any],
                 f"({lines}). Resume with the original settings, or use a new --workdir "
                 f"for the new configuration. Keys that may change on resume: "
                 f"{sorted(safe)}.")
+        changes = {k: [old.get(k), new.get(k)] for k in keys if changed(k)}
+        if changes and write:
+            logging.info("Resuming %s at step %s with changed settings: %s", workdir, step,
+                         "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+            history = history + [{"step": step, "changes": changes}]
+    if not write:
+        return
+    if history:
+        new[RESUME_CHANGES] = history
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(new, f, indent=2, sort_keys=True)
@@ -106,29 +141,8 @@ def check_and_write_config(workdir: str, config_dict: Mapping[str, Any],
     os.replace(tmp, path)
 
 
-# ------------------------------------------------------------------ metrics
-def read_metrics(workdir: str) -> list:
-    """All records of workdir/metrics.jsonl as a list of dicts (empty if none)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_metrics(workdir: str, last_step: int) -> None:
-    """Drops records written after `last_step` (they belong to lost progress)."""
-    records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
-    path = os.path.join(workdir, METRICS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _to_floats(metrics: Mapping[str, Any]) -> Metrics:
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
+    return {k: float(np.asarray(v)) for k, v in runtime.to_host(dict(metrics)).items()}
 
 
 def strong_types(tree: Any) -> Any:
@@ -153,7 +167,7 @@ def strong_types(tree: Any) -> Any:
 
 def _all_finite(tree: Any) -> bool:
     """Checked on the host with numpy (no per-shape compilation)."""
-    for x in jax.tree_util.tree_leaves(jax.device_get(tree)):
+    for x in jax.tree_util.tree_leaves(runtime.to_host(tree)):
         x = np.asarray(x)
         if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
             return False
@@ -161,90 +175,149 @@ def _all_finite(tree: Any) -> bool:
 
 
 # --------------------------------------------------------------------- run
+@dataclasses.dataclass
+class RunResult:
+    """What `run` ended with.
+
+    Attributes:
+      state: the train state at `step` (replicated on the mesh if one was given).
+      step: the last step done (and checkpointed).
+      preempted: the run stopped early because of SIGTERM (checkpoint saved at
+        `step`; re-running the same command resumes from it).
+    """
+    state: Any
+    step: int
+    preempted: bool = False
+
+
 def run(workdir: str, init_fn: Callable[[], Any],
         step_fn: Callable[[Any], Tuple[Any, Mapping[str, Any]]], num_steps: int, *,
         config_dict: Mapping[str, Any], checkpoint_every: int, log_every: int = 10,
         eval_fn: Optional[EvalFn] = None, eval_every: int = 0, loss_key: str = "loss",
         safe_to_change: Iterable[str] = DEFAULT_SAFE_TO_CHANGE,
-        max_to_keep: int = 3) -> Any:
+        max_to_keep: int = 3, mesh: Optional[jax.sharding.Mesh] = None,
+        on_checkpoint: Optional[Callable[[Any, int], None]] = None,
+        nan_advice: str = "lower the learning rate (or sigma) or enable gradient "
+                          "clipping") -> RunResult:
     """Runs (or resumes) training in `workdir` up to `num_steps` steps.
 
+    Every process of a multi-process job calls it with the same arguments:
+    all take part in the orbax saves and restores and run the same steps;
+    only process 0 (`runtime.is_primary()`) locks the workdir and writes
+    config.json, metrics and whatever `on_checkpoint` writes.
+
     Args:
-      workdir: folder for config.json, checkpoints/ and metrics.jsonl.
+      workdir: folder for config.json, checkpoints/ and metrics (locked while
+        the run is live: a second run on it is refused).
       init_fn: () -> train state (pytree); also the restore target's structure.
+        With `mesh` it is run under jit with replicated outputs, so every
+        process builds the same global state without comparing values.
       step_fn: train state -> (train state, dict of scalar metrics).
       num_steps: total steps of the run (not steps still to do).
       config_dict: the run's resolved configuration (JSON-serialisable).
       checkpoint_every: save every this many steps (and always at the end).
       log_every: log progress every this many steps.
       eval_fn: train state -> {split: {name: scalar}}; each split becomes a
-        metrics.jsonl record with that "split".
+        metrics record with that "split".
       eval_every: call eval_fn every this many steps and at the end (0: never).
       loss_key: the metric checked for NaN/inf and shown in the log.
-      safe_to_change: config keys allowed to differ on resume.
+      safe_to_change: config keys allowed to differ on resume (the change is
+        logged and recorded in config.json).
       max_to_keep: number of checkpoints kept.
+      mesh: the device mesh of the run; the state is kept replicated on it.
+      on_checkpoint: (state, step) -> None, called on every process after every
+        save (e.g. to write the portable learner of that step: computations on
+        the state must run on all processes; write files only on process 0).
+      nan_advice: what to change when the loss turns NaN/inf (in the error).
     Returns:
-      the final train state.
+      RunResult (the final state, its step, whether SIGTERM stopped the run).
     Raises:
       ConfigMismatchError: workdir holds a checkpoint from another config.
+      WorkdirLockedError: another live run holds the workdir.
       FloatingPointError: the loss or the state became NaN/inf.
     """
     if num_steps < 0 or checkpoint_every < 1 or log_every < 1 or eval_every < 0:
         raise ValueError(f"run: need num_steps >= 0, checkpoint_every >= 1, "
                          f"log_every >= 1, eval_every >= 0; got {num_steps}, "
                          f"{checkpoint_every}, {log_every}, {eval_every}.")
-    os.makedirs(workdir, exist_ok=True)
+    primary = runtime.is_primary()
+    lock = workdir_lib.WorkdirLock(workdir) if primary else None
+    if primary:
+        workdir_lib.prepare_workdir(workdir)
+        lock.acquire()
+    runtime.sync("vsml_jax:workdir_ready")
+    try:
+        return _run_locked(workdir, init_fn, step_fn, num_steps, config_dict,
+                           checkpoint_every, log_every, eval_fn, eval_every, loss_key,
+                           safe_to_change, max_to_keep, mesh, on_checkpoint, nan_advice)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(workdir, init_fn, step_fn, num_steps, config_dict, checkpoint_every,
+                log_every, eval_fn, eval_every, loss_key, safe_to_change, max_to_keep,
+                mesh, on_checkpoint, nan_advice) -> RunResult:
+    primary = runtime.is_primary()
+    if mesh is not None:
+        init_fn = jax.jit(init_fn, out_shardings=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))
+    state = strong_types(init_fn())
     manager = checkpointing.make_manager(os.path.join(workdir, CHECKPOINT_DIR),
                                          max_to_keep=max_to_keep)
-    start = checkpointing.latest_step(manager)
-    check_and_write_config(workdir, config_dict, safe_to_change, start is not None)
-
-    state = strong_types(init_fn())
-    if start is not None:
-        logging.info("Restoring checkpoint of step %d from %s.", start, workdir)
-        state = checkpointing.restore(manager, start, state)
+    start, restored = _restore(manager, workdir, state, primary)
+    # Every process compares the stored config (read-only) before process 0
+    # rewrites it, so all refuse a mismatch alike.
+    check_and_write_config(workdir, config_dict, safe_to_change, start is not None,
+                           write=False, step=start)
+    runtime.sync("vsml_jax:config_checked")
+    if primary:
+        check_and_write_config(workdir, config_dict, safe_to_change, start is not None,
+                               step=start)
+    if restored is not None:
+        state = restored
     start = start or 0
     last_saved = start if start else None
-    _truncate_metrics(workdir, start)
+    if primary:
+        metrics_lib.truncate_metrics(workdir, start)
     if start >= num_steps:
         logging.info("Run in %s already has %d >= num_steps=%d steps.", workdir, start,
                      num_steps)
         checkpointing.close(manager)
-        return state
+        return RunResult(state, start)
 
     def save(step, state):
         if not _all_finite(state):
             raise FloatingPointError(
                 f"the train state at step {step} contains NaN/inf and was not saved; "
-                f"{_last_good(last_saved, workdir)}")
+                f"{_last_good(last_saved, workdir, nan_advice)}")
         checkpointing.save(manager, step, state)
+        if on_checkpoint is not None:
+            on_checkpoint(state, step)
 
-    metrics_path = os.path.join(workdir, METRICS_FILE)
+    watch = runtime.PreemptionWatch()
+    writer = metrics_lib.MetricsWriter(workdir, enabled=primary, resume_step=start)
     t_start, window = time.time(), []
-    with open(metrics_path, "a") as out:
-        def write(step, split, values):
-            out.write(json.dumps({"step": step, "split": split, **values},
-                                 sort_keys=True) + "\n")
-
+    step = start
+    try:
         def evaluate(step, state):
             for split, values in eval_fn(state).items():
                 values = _to_floats(values)
-                write(step, split, values)
-                logging.info("step %d eval %s: %s", step, split,
-                             ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
-            out.flush()
+                writer.write(step, split, values)
+                logging.info("step %d eval %s: %s", step, split, _format(values))
+            writer.flush()
 
         for step in range(start + 1, num_steps + 1):
             new_state, metrics = step_fn(state)
             metrics = _to_floats(metrics)
             loss = metrics.get(loss_key, float("nan"))
             if not math.isfinite(loss):
-                out.flush()
+                writer.flush()
                 raise FloatingPointError(
                     f"{loss_key} is {loss} at step {step}; training stopped and this "
-                    f"state was not saved. {_last_good(last_saved, workdir)}")
+                    f"state was not saved. {_last_good(last_saved, workdir, nan_advice)}")
             state = new_state
-            write(step, "train", metrics)
+            writer.write(step, "train", metrics)
             window.append(loss)
             if step % log_every == 0 or step == num_steps:
                 elapsed = time.time() - t_start
@@ -253,25 +326,57 @@ def run(workdir: str, init_fn: Callable[[], Any],
                              "ETA %s", step, num_steps, loss_key, float(np.mean(window)),
                              len(window), rate, _eta((num_steps - step) / max(rate, 1e-9)))
                 window = []
-                out.flush()
+                writer.flush()
             if eval_fn is not None and eval_every and (
                     step % eval_every == 0 or step == num_steps):
                 evaluate(step, state)
-            if step % checkpoint_every == 0 or step == num_steps:
-                out.flush()
+            preempted = watch.reached(step)
+            if step % checkpoint_every == 0 or step == num_steps or preempted:
+                writer.flush()
                 save(step, state)
                 last_saved = step
-    checkpointing.close(manager)
-    return state
+            if preempted:
+                logging.warning(
+                    "Preempted (SIGTERM): saved the checkpoint of step %d in %s and "
+                    "stopped; re-run the same command to resume.", step, workdir)
+                return RunResult(state, step, preempted=True)
+    finally:
+        writer.close()
+        watch.close()
+        checkpointing.close(manager)
+    return RunResult(state, step)
 
 
-def _last_good(last_saved: Optional[int], workdir: str) -> str:
+def _restore(manager, workdir: str, target: Any, primary: bool):
+    """(step, restored state) of the newest checkpoint that restores, or (None, None).
+
+    Damaged newer checkpoints are moved aside (by process 0) with a warning.
+    """
+    # It warns about (and moves aside) each damaged step it skips; when no
+    # step restores at all it raises CheckpointRestoreError rather than
+    # silently starting over.
+    step, state, _ = checkpointing.restore_latest_good(manager, target, is_primary=primary)
+    if step is not None:
+        logging.info("Restored the checkpoint of step %d from %s.", step, workdir)
+    return step, state
+
+
+def _format(values: Mapping[str, float]) -> str:
+    """name=value pairs, numbers in names ordered by value (acc@100 before acc@500)."""
+    def order(name):
+        prefix, _, number = name.partition("@")
+        return (prefix, int(number) if number.isdigit() else -1, name)
+    return ", ".join(f"{k}={values[k]:.4f}" for k in sorted(values, key=order))
+
+
+def _last_good(last_saved: Optional[int], workdir: str, advice: str) -> str:
     if last_saved is None:
-        return (f"No checkpoint was written yet in {workdir}; lower the learning rate "
-                "(or sigma) or enable gradient clipping and start again.")
-    return (f"The last good checkpoint (step {last_saved}) is intact in {workdir}; "
-            "re-running resumes from it (lower the learning rate or enable clipping "
-            "first if the divergence repeats).")
+        return (f"No checkpoint was written yet in {workdir}: {advice}, and run the "
+                "same command again (the settings named may change on resume).")
+    return (f"The last good checkpoint (step {last_saved}) is intact in {workdir}: "
+            f"{advice}, and run the same command again to resume from it. "
+            f"`python -m experiments.evaluate --checkpoint={workdir}` meta-tests the "
+            f"learner of step {last_saved}.")
 
 
 def _eta(seconds: float) -> str:

@@ -1,0 +1,164 @@
+"""What every entry point shares: flag groups defined once, flags -> run
+configs, and `run(main)`, which starts the process (multi-process join before
+any JAX backend use) and turns user errors into one clear line.
+
+An entry point defines its own flags, then:
+
+    common.define_cluster_flags()
+    ...
+    def main(argv):
+        cfg = common.config_from_flags(MetaTrainConfig, ...)
+        train_and_evaluate(cfg, FLAGS.workdir)
+    if __name__ == "__main__":
+        common.run(main)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable, Dict, Iterable, Optional
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+# ------------------------------------------------------------ flag groups
+def define_workdir_flag() -> None:
+    flags.DEFINE_string("workdir", None, "Folder of the run (created; re-running the "
+                        "same command with it resumes). Locked while the run is live.")
+
+
+def define_cluster_flags() -> None:
+    """--coordinator_address, --num_processes, --process_id (multi-process jobs)."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 in a "
+                        "multi-process job (jax.distributed.initialize). Leave unset on "
+                        "Cloud TPU pods and SLURM, where JAX detects the cluster.")
+    flags.DEFINE_integer("num_processes", None, "Processes in the job (with "
+                         "--coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1 "
+                         "(with --coordinator_address).")
+    flags.DEFINE_boolean("distributed", False, "Call jax.distributed.initialize() even "
+                         "if no cluster is detected (it then auto-detects).")
+    flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which a silent process "
+                         "counts as dead and the others stop with an error.")
+
+
+def define_data_flags(dataset_default: str = "mnist", multi: bool = False) -> None:
+    """--data_dir and --download (and --dataset or --datasets)."""
+    data_help = ("Data set: mnist, fashion_mnist, idx:DIR (the four IDX files), "
+                 "npz:FILE (x_train, y_train, x_test, y_test) or tfds:NAME")
+    if multi:
+        flags.DEFINE_list("datasets", dataset_default.split(","), data_help + "; a list.")
+    else:
+        flags.DEFINE_string("dataset", dataset_default, data_help + "; a,b mixes "
+                            "several, one per episode.")
+    flags.DEFINE_string("data_dir", None, "Folder with mnist/ and fashion_mnist/ IDX files "
+                        "(default: $VSML_DATA_DIR, then the cache). An explicit folder "
+                        "must hold the data.")
+    flags.DEFINE_boolean("download", False, "Download MNIST / Fashion-MNIST (checksummed) "
+                         "into the cache if no copy is found.")
+
+
+def define_schedule_flags(*, num_steps: int, checkpoint_every: int, log_every: int,
+                          eval_every: int) -> None:
+    """--num_steps, --checkpoint_every, --log_every, --eval_every, --seed."""
+    flags.DEFINE_integer("num_steps", num_steps, "Meta-training steps (generations for ES).")
+    flags.DEFINE_integer("checkpoint_every", checkpoint_every, "Steps between checkpoints.")
+    flags.DEFINE_integer("log_every", log_every, "Steps between progress logs.")
+    flags.DEFINE_integer("eval_every", eval_every, "Steps between evaluations (0: none).")
+    flags.DEFINE_integer("seed", 0, "Seed of everything random in the run.")
+
+
+# ------------------------------------------------------- flags -> configs
+def cluster_from_flags():
+    from vsml_jax.runtime import Cluster
+    try:
+        return Cluster(coordinator_address=FLAGS.coordinator_address,
+                       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                       initialize=FLAGS.distributed,
+                       heartbeat_timeout_s=FLAGS.heartbeat_timeout)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+
+
+def _convert(value: Any, default: Any) -> Any:
+    """Flag value -> config field value (lists become tuples, numbers parsed)."""
+    if isinstance(value, list):
+        items = [v for v in value if v != ""]
+        if isinstance(default, tuple) and default and isinstance(default[0], str):
+            return tuple(items)
+        try:
+            return tuple(int(v) for v in items)
+        except ValueError:
+            return tuple(items)
+    return value
+
+
+def config_from_flags(cls, *, unset_is_none: Iterable[str] = (),
+                      convert: Optional[Dict[str, Callable[[Any], Any]]] = None):
+    """`cls(**fields)` with every field of dataclass `cls` taken from the flag of
+    the same name; fields in `unset_is_none` are None unless the flag was given
+    (on the command line or in a flagfile). A ValueError of the config becomes
+    a usage error."""
+    unset_is_none, convert = set(unset_is_none), dict(convert or {})
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in FLAGS:
+            continue
+        if f.name in unset_is_none and not FLAGS[f.name].present:
+            kwargs[f.name] = None
+            continue
+        value = FLAGS[f.name].value
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs[f.name] = (convert[f.name](value) if f.name in convert
+                          else _convert(value, default))
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+
+
+# ------------------------------------------------------------------ start
+def _user_errors() -> tuple:
+    """Errors that are the user's to fix: printed as one line, no traceback."""
+    from vsml_jax.data import DatasetNotFoundError, DownloadError, IDXError
+    from vsml_jax.pretrained import LearnerFileError
+    from vsml_jax.runs.common import SettingsError
+    from vsml_jax.training.loop import ConfigMismatchError
+    from vsml_jax.training.checkpointing import CheckpointRestoreError
+    from vsml_jax.training.metrics import MetricsFileError
+    from vsml_jax.training.workdir import WorkdirLockedError
+    return (app.UsageError, SettingsError, ConfigMismatchError, WorkdirLockedError,
+            NotADirectoryError, MetricsFileError, DatasetNotFoundError, DownloadError,
+            IDXError, LearnerFileError, FloatingPointError, CheckpointRestoreError)
+
+
+def run(main: Callable[[list], Any], *, cluster_flags: bool = True) -> None:
+    """absl's app.run(main) with the run start-up around it.
+
+    Before `main`: `vsml_jax.runtime.start()` with the cluster flags (so a
+    multi-process job is joined before anything touches a JAX backend). A
+    user error (bad setting, missing data, locked or mismatched workdir, NaN
+    stop) prints one line naming the problem and the fix, and exits 1.
+    """
+    prog = os.path.basename(sys.argv[0]) if sys.argv else "vsml_jax"
+
+    def wrapped(argv):
+        if len(argv) > 1:
+            _fail(prog, f"unexpected arguments {argv[1:]} (flags are --name=value).")
+        from vsml_jax import runtime
+        try:
+            runtime.start(cluster_from_flags() if cluster_flags else None)
+            return main(argv)
+        except _user_errors() as e:
+            _fail(prog, str(e))
+
+    app.run(wrapped)
+
+
+def _fail(prog: str, message: str) -> None:
+    sys.stderr.write(f"{prog}: error: {message}\n(--helpshort lists the flags.)\n")
+    sys.stderr.flush()
+    sys.exit(1)
