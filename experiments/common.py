@@ -123,7 +123,8 @@ def config_from_flags(cls, *, unset_is_none: Iterable[str] = (),
 # ------------------------------------------------------------------ start
 def _user_errors() -> tuple:
     """Errors that are the user's to fix: printed as one line, no traceback."""
-    from vsml_jax.data import DatasetNotFoundError, DownloadError, IDXError
+    from vsml_jax.data import (DatasetFormatError, DatasetNotFoundError, DownloadError,
+                                IDXError)
     from vsml_jax.pretrained import LearnerFileError
     from vsml_jax.runs.common import SettingsError
     from vsml_jax.training.loop import ConfigMismatchError
@@ -131,7 +132,7 @@ def _user_errors() -> tuple:
     from vsml_jax.training.metrics import MetricsFileError
     from vsml_jax.training.workdir import WorkdirLockedError
     return (app.UsageError, SettingsError, ConfigMismatchError, WorkdirLockedError,
-            NotADirectoryError, MetricsFileError, DatasetNotFoundError, DownloadError,
+            NotADirectoryError, MetricsFileError, DatasetNotFoundError, DatasetFormatError, DownloadError,
             IDXError, LearnerFileError, FloatingPointError, CheckpointRestoreError)
 
 

@@ -112,6 +112,11 @@ def _check_values(images, where: str) -> None:
         return
     arr = np.asarray(images)
     lo, hi = arr.min(), arr.max()
+    if not np.issubdtype(arr.dtype, np.integer) and not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        raise ValueError(f"{where}: example {bad[0]} has a non-finite pixel "
+                         f"(images[{', '.join(map(str, bad))}] is {arr[bad]}); remove or "
+                         "repair that example.")
     if np.issubdtype(arr.dtype, np.integer):
         if lo < 0 or hi > 255:
             raise ValueError(f"{where}: integer pixels must lie in 0..255, found "

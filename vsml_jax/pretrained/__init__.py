@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
+from absl import logging
 from flax import serialization
 
 from vsml_jax.baselines import hebbian, meta_rnn
@@ -241,7 +242,21 @@ def load_learner(spec: str, input_size: Optional[int] = None,
             f"{json_path} ({type(e).__name__}: {e}).") from e
     _check_shapes(template, params, f"{params_path}: the stored parameters do not match "
                                     f"the {name} config in {json_path}")
+    _note_unfinished(spec, info)
     return LoadedLearner(learner=learner, params=params, info=info, source=spec, pool=pool)
+
+
+def _note_unfinished(spec: str, info: Dict[str, Any]) -> None:
+    """Says so when the learner comes from a run that has not finished.
+
+    A run writes its portable learner at every checkpoint, marked
+    "finished": false until its last step, so a stopped, preempted or
+    NaN-stopped run can be meta-tested with its newest good checkpoint.
+    """
+    run = info.get("meta_training") or info.get("cloning") or {}
+    if run.get("finished") is False:
+        logging.warning("%s is an unfinished run: using the learner of its newest good "
+                        "checkpoint (step %s).", spec, run.get("steps"))
 
 
 def _check_shapes(template: Any, params: Any, problem: str) -> None:

@@ -265,11 +265,13 @@ def _run_locked(workdir, init_fn, step_fn, num_steps, config_dict, checkpoint_ev
     state = strong_types(init_fn())
     manager = checkpointing.make_manager(os.path.join(workdir, CHECKPOINT_DIR),
                                          max_to_keep=max_to_keep)
+    # Every process compares the stored config (read-only) before anything is
+    # restored (a checkpoint of another architecture would not restore) and
+    # before process 0 rewrites it, so all refuse a mismatch alike.
+    has_checkpoint = checkpointing.latest_step(manager) is not None
+    check_and_write_config(workdir, config_dict, safe_to_change, has_checkpoint,
+                           write=False)
     start, restored = _restore(manager, workdir, state, primary)
-    # Every process compares the stored config (read-only) before process 0
-    # rewrites it, so all refuse a mismatch alike.
-    check_and_write_config(workdir, config_dict, safe_to_change, start is not None,
-                           write=False, step=start)
     runtime.sync("vsml_jax:config_checked")
     if primary:
         check_and_write_config(workdir, config_dict, safe_to_change, start is not None,
