@@ -22,22 +22,18 @@ The stream for --seed S is the one `experiments.evaluate` uses for seed S
 seed's initial state (`evaluation.init_key`). Compilation time and run speed
 are printed at the end.
 """
-import logging
 import time
 
-# jax logs "Unable to initialize backend 'tpu'" at INFO on every machine without
-# a TPU, and absl's handler prints INFO: keep only jax's warnings and errors from
-# backend discovery (a backend that is asked for and fails still raises).
-logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+import jax
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from experiments import common
 
-from vsml_jax import evaluation  # noqa: E402
-from vsml_jax.baselines import online_gd  # noqa: E402
-from vsml_jax.data import make_dataset  # noqa: E402
-from vsml_jax.pretrained import LearnerFileError, load_learner  # noqa: E402
+from vsml_jax import evaluation
+from vsml_jax.baselines import online_gd
+from vsml_jax.data import make_dataset
+from vsml_jax.pretrained import LearnerFileError, load_learner
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "pretrained:mnist", "The learner: a meta_train workdir "
@@ -163,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main, cluster_flags=False)

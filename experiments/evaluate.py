@@ -58,6 +58,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from vsml_jax import evaluation, plotting
 from vsml_jax.baselines import nonparametric, online_gd
 from vsml_jax.data import Dataset, make_dataset, split_spec, target_side
@@ -515,4 +517,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main, cluster_flags=False)

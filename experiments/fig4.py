@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 
-# jax logs "Unable to initialize backend 'tpu'" at INFO on every machine without
-# a TPU, and absl's handler prints INFO: keep only jax's warnings and errors from
-# backend discovery (a backend that is asked for and fails still raises).
-logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from experiments import common
 
-from vsml_jax import cloning, pretrained  # noqa: E402
+from vsml_jax import cloning, pretrained
 
 flags.DEFINE_string("checkpoint", "pretrained:backprop_clone",
                     "A clone: a workdir of experiments.clone or pretrained:NAME.")
@@ -153,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main, cluster_flags=False)

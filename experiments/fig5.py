@@ -42,6 +42,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import common
+
 from vsml_jax import data as vdata
 from vsml_jax import cloning, evaluation, plotting, pretrained
 from vsml_jax.baselines import online_gd
@@ -228,4 +230,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main, cluster_flags=False)
