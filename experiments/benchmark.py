@@ -21,7 +21,13 @@ ticks) and a reduced 49 -> 10 one it measures:
 * ES population evaluation, populations 16 and 64: vmap over the population,
   lax.map (one member after another, what meta-training uses on a CPU), and
   lax.map sharded over 2 and 8 CPU devices (shard_map over a Mesh, population
-  axis sharded, data replicated), checking that results equal the vmap ones.
+  axis sharded, data replicated), checking that results equal the vmap ones;
+* scaling (`--sections=scaling`, not part of the default run): meta-training
+  steps/s of the real training step (`gradient.make_step_fn` / BPTT with Adam,
+  `evolution.make_step_fn` / OpenAI-ES) on 1, 2, 4, 8 CPU devices of one
+  process and on 2 processes x 2 devices (jax.distributed on 127.0.0.1, gloo),
+  each configuration in a fresh worker process (`--scaling_worker`), with the
+  speed-up and efficiency per device against 1 device.
 
 Timings exclude compilation and a warm-up call; each is the median of
 `--repeats` calls, with min and max. FLOPs are counted per cell micro-tick of
@@ -53,12 +59,18 @@ flags.DEFINE_bool("quick", False, "Small and fast run (short episodes, 1-2 repea
                   "test of the benchmark, not numbers to quote.")
 flags.DEFINE_integer("repeats", None, "Timed calls per measurement (default 5, quick 2).")
 flags.DEFINE_list("sections", ["roofline", "forward", "ablation", "bptt", "memory",
-                               "population"], "Which parts to run.")
+                               "population"], "Which parts to run (also: scaling, "
+                  "which starts worker processes and is not run by default).")
+flags.DEFINE_string("scaling_worker", None, "Internal: run one scaling measurement "
+                    "described by this JSON and print its result (used by "
+                    "--sections=scaling, which starts these workers).")
 FLAGS = flags.FLAGS
 
 PAPER = (784, 10)
 REDUCED = (49, 10)
 NUM_CPU_DEVICES = 8
+SECTIONS = ("roofline", "forward", "ablation", "bptt", "memory", "population", "scaling")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------ helpers
@@ -391,6 +403,318 @@ def population(sizes, pops: Sequence[int], T: int, device_counts: Sequence[int],
     return out
 
 
+# ------------------------------------------------------------------ scaling
+# The problems of the scaling section: MetaTrainConfig fields. Synthetic data of
+# MNIST's pool=4 size (49 inputs, 10 classes) so that no files are needed.
+SCALING_COMMON = dict(dataset="synthetic", pool=4, synthetic_size=1000, hidden_size=16,
+                      msg_size=8, micro_ticks=1)
+SCALING_PROBLEMS = {
+    "bptt": dict(SCALING_COMMON, meta_optimizer="adam", episode_length=50, batch_size=16),
+    "es": dict(SCALING_COMMON, meta_optimizer="open_es", popsize=64, episode_length=20,
+               batch_size=2),
+}
+SCALING_QUICK_COMMON = dict(dataset="synthetic", pool=4, synthetic_size=64, hidden_size=2,
+                            msg_size=2, micro_ticks=1)
+SCALING_QUICK_PROBLEMS = {
+    "bptt": dict(SCALING_QUICK_COMMON, meta_optimizer="adam", episode_length=5,
+                 batch_size=4),
+    "es": dict(SCALING_QUICK_COMMON, meta_optimizer="open_es", popsize=8, episode_length=5,
+               batch_size=2),
+}
+SCALING_RESULT_TAG = "SCALING_RESULT "
+
+
+def scaling_worker(spec: Dict) -> Dict:
+    """One scaling configuration, in this (fresh) process: call before any JAX use.
+
+    `spec`: problems {name: MetaTrainConfig fields}, steps (K per timed round),
+    rounds, and cluster (Cluster fields, or None for one process). The device
+    count comes from the environment (JAX_NUM_CPU_DEVICES), fixed at start-up.
+    Every problem's step is built as meta-training builds it (library
+    `make_step_fn` on `sharding.device_mesh()`, state from
+    `jit(init_fn, out_shardings=replicated(mesh))`), compiled by a first call,
+    then `rounds` x K steps are timed (blocking on the state after each round).
+    """
+    from vsml_jax import runtime
+    cluster = spec.get("cluster")
+    runtime.start(runtime.Cluster(**cluster) if cluster else None)
+    import jax
+    from vsml_jax.meta import evolution, gradient, sharding
+    from vsml_jax.meta.objective import EpisodeSpec
+    from vsml_jax.runs import meta_train as mt
+
+    mesh = sharding.device_mesh()
+    out = dict(process_id=jax.process_index(), processes=jax.process_count(),
+               devices=int(mesh.devices.size), local_devices=jax.local_device_count(),
+               runs={})
+    for name, fields in spec["problems"].items():
+        cfg = mt.MetaTrainConfig(**fields)
+        data = mt.load_train_data(cfg)
+        learner = mt.build_learner(cfg, data.input_dim, data.num_classes, train=True)
+        ep = EpisodeSpec(length=cfg.episode_length, batch=cfg.batch_size)
+        if cfg.gradient_based:
+            opt = gradient.make_optimizer(cfg.meta_optimizer, cfg.lr, cfg.clip_norm or None)
+            init_fn = gradient.make_init_fn(learner, opt, cfg.seed)
+            step_fn = gradient.make_step_fn(learner, opt, data, ep, mesh)
+        else:
+            strategy, es_params = evolution.make_strategy(
+                cfg.meta_optimizer, cfg.popsize, learner.init_params(jax.random.PRNGKey(0)),
+                cfg.sigma_init, cfg.es_lr)
+            init_fn = evolution.make_init_fn(learner, strategy, es_params, cfg.seed)
+            step_fn = evolution.make_step_fn(learner, strategy, es_params, data, ep, mesh,
+                                             "auto")
+        state = jax.jit(init_fn, out_shardings=sharding.replicated(mesh))()
+        _block(state)
+        runtime.sync(f"scaling-{name}-compile")
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state)  # compiles
+        _block(state)
+        first = time.perf_counter() - t0
+        walls, cpus, busy = [], [], 0.0
+        for r in range(spec["rounds"]):
+            runtime.sync(f"scaling-{name}-{r}")
+            r0, b0 = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
+            t0 = time.perf_counter()
+            for _ in range(spec["steps"]):
+                state, metrics = step_fn(state)
+            _block(state)
+            walls.append((time.perf_counter() - t0) / spec["steps"])
+            r1, b1 = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
+            cpus.append((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+                        / spec["steps"])
+            busy += b1 - b0
+        loss = float(runtime.to_host(metrics["loss"]))
+        out["runs"][name] = dict(
+            step_time=dict(median=statistics.median(walls), min=min(walls), max=max(walls),
+                           rounds=len(walls), steps_per_round=spec["steps"]),
+            cpu_s_per_step=statistics.median(cpus), first_call_s=first,
+            steps_done=int(runtime.to_host(state.step)), final_loss=loss,
+            timed_wall_s=sum(walls) * spec["steps"], timed_cpu_s=sum(cpus) * spec["steps"],
+            timed_machine_busy_s=busy)
+    return out
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine have used since boot (/proc/stat).
+
+    NaN where /proc/stat is missing. The difference over a window, minus the
+    benchmark's own CPU time, is what other work on the machine used.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def other_load(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU that other processes use, sampled over `seconds`."""
+    b0, t0 = machine_busy_seconds(), time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(seconds)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    own = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    return max(0.0, (machine_busy_seconds() - b0 - own) / (time.perf_counter() - t0))
+
+
+def wait_for_quiet(max_load: float = 0.3, max_wait_s: float = 90.0) -> float:
+    """Waits (at most `max_wait_s`) until other processes use < `max_load` cores.
+
+    Returns the last sampled load (cores).
+    """
+    deadline = time.time() + max_wait_s
+    load = other_load()
+    while load >= max_load and time.time() < deadline:
+        time.sleep(4.0)
+        load = other_load()
+    return load
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_scaling_workers(spec: Dict, processes: int, devices: int,
+                          fast_compile: bool = False):
+    """Starts `processes` workers with `devices` CPU devices each (not waiting).
+
+    Several processes form one jax.distributed job on 127.0.0.1 (gloo), as
+    tests/test_multiprocess.py starts meta-training. `fast_compile` turns
+    XLA's optimisations off (JAX_DISABLE_MOST_OPTIMIZATIONS): quicker start,
+    slower steps, for smoke tests only. Returns what `finish_scaling_workers`
+    takes.
+    """
+    import subprocess
+    import sys
+    import tempfile
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    env.pop("XLA_FLAGS", None)  # a host device count there would override ours
+    if fast_compile:
+        env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    port = _free_port()
+    procs, logs = [], []
+    for i in range(processes):
+        s = dict(spec, cluster=None if processes == 1 else dict(
+            coordinator_address=f"127.0.0.1:{port}", num_processes=processes,
+            process_id=i, heartbeat_timeout_s=30))
+        log = tempfile.TemporaryFile(mode="w+")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "experiments.benchmark",
+             "--scaling_worker=" + json.dumps(s)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return dict(processes=processes, devices=devices, procs=procs, logs=logs,
+                started=time.time())
+
+
+def finish_scaling_workers(job: Dict, timeout: float = 900) -> List[Dict]:
+    """Waits for the workers of `job`; their results (process 0 first).
+
+    Raises RuntimeError with the workers' output if one fails or does not
+    finish within `timeout` s of its start (then all of them are killed).
+    """
+    import subprocess
+    procs = job["procs"]
+    deadline = job["started"] + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    job["wall_s"] = time.time() - job["started"]
+    texts = []
+    for log in job["logs"]:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    results = []
+    for text in texts:
+        lines = [l for l in text.splitlines() if l.startswith(SCALING_RESULT_TAG)]
+        results.append(json.loads(lines[-1][len(SCALING_RESULT_TAG):]) if lines else None)
+    if codes != [0] * len(procs) or None in results:
+        tails = "\n---\n".join(t[-3000:] for t in texts)
+        raise RuntimeError(f"scaling worker(s) {job['processes']} x {job['devices']} "
+                           f"devices failed (exit codes {codes}):\n{tails}")
+    return results
+
+
+def scaling(quick: bool, repeats: int, configs: Optional[Sequence] = None,
+            problems: Optional[Sequence[str]] = None) -> Dict:
+    """Meta-training steps/s against the number of devices and processes.
+
+    `configs`: (processes, devices per process) pairs; default 1 x 1, 2, 4, 8
+    and 2 x 2 (quick: 1 x 1, 2 and 2 x 1). `problems`: names in
+    SCALING_PROBLEMS (default all). Each configuration runs in fresh
+    processes, one configuration after another; with `quick` (a smoke test,
+    not numbers to quote) they all run at once, with XLA optimisations off.
+    The baseline is the 1-device configuration: speed-up = steps/s / its
+    steps/s, efficiency per device = speed-up / devices.
+    """
+    table = SCALING_QUICK_PROBLEMS if quick else SCALING_PROBLEMS
+    problems = {k: table[k] for k in (problems or table)}
+    if configs is None:
+        configs = ([(1, 1), (1, 2), (2, 1)] if quick
+                   else [(1, 1), (1, 2), (1, 4), (1, 8), (2, 2)])
+    spec = dict(problems=problems, steps=2 if quick else 5,
+                rounds=1 if quick else max(1, min(repeats, 3)))
+    out = dict(problems=problems, steps_per_round=spec["steps"], rounds=spec["rounds"],
+               cpu_count=os.cpu_count(), concurrent=quick, fast_compile=quick, runs=[])
+    if quick:  # all at once: only checks that everything runs
+        jobs = [start_scaling_workers(spec, p, d, fast_compile=True) for p, d in configs]
+        done = [(job, finish_scaling_workers(job)) for job in jobs]
+    else:
+        done = []
+        for p, d in configs:
+            load = wait_for_quiet()  # other people's jobs share the cores
+            job = start_scaling_workers(spec, p, d)
+            job["other_load_before"] = load
+            done.append((job, finish_scaling_workers(job)))
+    for job, res in done:
+        for name in problems:
+            main = res[0]["runs"][name]  # process 0 (all processes step in lockstep)
+            out["runs"].append(dict(
+                problem=name, processes=job["processes"],
+                devices_per_process=job["devices"], devices=res[0]["devices"],
+                step_time=main["step_time"], steps_per_s=1.0 / main["step_time"]["median"],
+                cpu_s_per_step=sum(r["runs"][name]["cpu_s_per_step"] for r in res),
+                first_call_s=max(r["runs"][name]["first_call_s"] for r in res),
+                final_loss=main["final_loss"], steps_done=main["steps_done"],
+                worker_wall_s=job["wall_s"], other_load_before=job.get("other_load_before"),
+                # Cores used by other processes while process 0 timed its rounds.
+                other_load=max(0.0, (main["timed_machine_busy_s"]
+                                     - sum(r["runs"][name]["timed_cpu_s"] for r in res))
+                               / main["timed_wall_s"])))
+        print(f"scaling {job['processes']} x {job['devices']}: " + ", ".join(
+            f"{r['problem']} {r['steps_per_s']:.3f} steps/s"
+            for r in out["runs"][-len(problems):]), flush=True)
+    order = list(problems)
+    out["runs"].sort(key=lambda r: order.index(r["problem"]))  # stable: configs in order
+    for name in problems:
+        rows = [r for r in out["runs"] if r["problem"] == name]
+        base = [r for r in rows if r["devices"] == 1]
+        for r in rows:
+            if base:
+                r["speedup"] = r["steps_per_s"] / base[0]["steps_per_s"]
+                r["efficiency_per_device"] = r["speedup"] / r["devices"]
+    return out
+
+
+def _scaling_label(name: str, p: Dict) -> str:
+    if name == "bptt":
+        return (f"BPTT, {p['meta_optimizer']}, {p['batch_size']} episodes x "
+                f"{p['episode_length']}")
+    return (f"ES, {p['meta_optimizer']}, population {p['popsize']}, {p['batch_size']} "
+            f"episodes x {p['episode_length']}")
+
+
+def scaling_markdown(sc: Dict) -> List[str]:
+    """The scaling table and its note."""
+    p0 = next(iter(sc["problems"].values()))
+    inputs = (28 // p0["pool"]) ** 2
+    lines = [f"| scaling: meta-training step, {inputs}->10, H={p0['hidden_size']}, "
+             f"m={p0['msg_size']}, {p0['micro_ticks']} micro tick | processes x devices | "
+             "devices | step time | steps/s | speed-up vs 1 device | efficiency per device "
+             "| CPU s / step (all processes) | other load (cores) |", "|---" * 9 + "|"]
+    last = None
+    for r in sc["runs"]:
+        label = "" if r["problem"] == last else _scaling_label(r["problem"],
+                                                               sc["problems"][r["problem"]])
+        last = r["problem"]
+        lines.append(
+            f"| {label} | {r['processes']} x {r['devices_per_process']} | {r['devices']} | "
+            f"{_fmt_t(r['step_time'])} | {r['steps_per_s']:.2f} | "
+            f"{r.get('speedup', float('nan')):.2f}x | "
+            f"{100 * r.get('efficiency_per_device', float('nan')):.0f}% | "
+            f"{r['cpu_s_per_step']:.3f} | {r.get('other_load', float('nan')):.2f} |")
+    cores = sc["cpu_count"]
+    how = ("all configurations at once, XLA optimisations off (--quick: a smoke test)"
+           if sc.get("concurrent") else "one configuration after another")
+    lines += ["", f"Each configuration runs in fresh processes (the device count is fixed "
+              f"when JAX starts), {how}; {sc['rounds']} rounds of {sc['steps_per_round']} steps after "
+              "a compiling first step, step time = median round time / steps. Efficiency per "
+              "device = steps/s on n devices / (n x steps/s on 1 device). The devices are "
+              f"virtual CPU devices on a {cores}-core machine (`os.cpu_count()` = {cores}): "
+              f"only {cores} devices add compute; more devices split the same {cores} cores, "
+              f"so the rows above {cores} devices measure sharding and collective overhead, "
+              "not scaling. CPU s / step: process CPU time of all the job's processes per step "
+              "(up to the core count x step time when every core works). Other load: cores' "
+              "worth of CPU that other processes on the machine used while the steps were "
+              "timed (from /proc/stat)" + ("." if sc.get("concurrent") else
+                                            "; each configuration waits (up to 90 s) for it "
+                                            "to drop below 0.3 cores before it starts."), ""]
+    return lines
+
+
 # ------------------------------------------------------------------ report
 def _remat_label(row) -> str:
     """How a BPTT row rematerialised: "chunk k", "step" or "off"."""
@@ -484,7 +808,9 @@ def to_markdown(r: Dict) -> str:
                              f"{q['episodes_per_s']:.2f} | {q['per_episode_over_single']:.2f} | "
                              f"{eq} |")
         lines.append("")
-    if "targets" in r:
+    if "scaling" in r:
+        lines += scaling_markdown(r["scaling"])
+    if r.get("targets"):
         lines += ["| target | measured | met |", "|---|---|---|"]
         for t in r["targets"]:
             lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |")
@@ -601,6 +927,8 @@ def run(quick: bool, repeats: int, sections: Sequence[str]) -> Dict:
                                       max(1, min(repeats, 3)))
                            for sizes in (PAPER, REDUCED)]
         print("population done", flush=True)
+    if "scaling" in sections:
+        r["scaling"] = scaling(quick, repeats)
     r["machine"]["loadavg_end"] = list(os.getloadavg())
     r["targets"] = check_targets(r)
     return r
@@ -608,15 +936,18 @@ def run(quick: bool, repeats: int, sections: Sequence[str]) -> Dict:
 
 def main(argv):
     del argv
+    if FLAGS.scaling_worker:  # a fresh process: JAX must not have started yet
+        result = scaling_worker(json.loads(FLAGS.scaling_worker))
+        print(SCALING_RESULT_TAG + json.dumps(result), flush=True)
+        return
     import jax
     # Before anything touches the backend: 8 CPU devices for the sharded runs.
     jax.config.update("jax_num_cpu_devices", NUM_CPU_DEVICES)
     repeats = FLAGS.repeats or (2 if FLAGS.quick else 5)
-    unknown = set(FLAGS.sections) - {"roofline", "forward", "ablation", "bptt", "memory",
-                                     "population"}
+    unknown = set(FLAGS.sections) - set(SECTIONS)
     if unknown:
-        raise app.UsageError(f"--sections: unknown {sorted(unknown)}; choose from roofline, "
-                             "forward, ablation, bptt, memory, population.")
+        raise app.UsageError(f"--sections: unknown {sorted(unknown)}; choose from "
+                             f"{', '.join(SECTIONS)}.")
     results = run(FLAGS.quick, repeats, FLAGS.sections)
     md = to_markdown(results)
     print(md)

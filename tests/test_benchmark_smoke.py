@@ -1,4 +1,6 @@
 """The benchmark's pieces run end to end on a tiny grid (correctness only, no timing claims)."""
+import os
+
 import jax
 import numpy as np
 
@@ -36,3 +38,25 @@ def test_remat_chunk_is_the_divisor_nearest_sqrt_t():
     assert benchmark._chunk_for(2000) in (40, 50)
     assert 500 % benchmark._chunk_for(500) == 0
     assert np.isclose(benchmark.lstm_work_per_cell_tick(16)["matmul_flops"], 2048)
+
+
+def test_scaling_section_runs_one_and_two_processes():
+    """--sections=scaling, reduced: tiny steps on 1 device and on 2 processes x 1 device.
+
+    Each configuration is a fresh worker process (the 2-process one a real
+    jax.distributed job on 127.0.0.1); both meta-optimisers' library steps run
+    and give the same loss whatever the devices.
+    """
+    sc = benchmark.scaling(quick=True, repeats=1, configs=[(1, 1), (2, 1)])
+    assert sc["cpu_count"] == os.cpu_count()
+    rows = {(r["problem"], r["processes"], r["devices"]): r for r in sc["runs"]}
+    assert set(rows) == {(p, n, d) for p in ("bptt", "es") for n, d in [(1, 1), (2, 2)]}
+    for p in ("bptt", "es"):
+        one, two = rows[(p, 1, 1)], rows[(p, 2, 2)]
+        assert one["speedup"] == 1.0 and one["efficiency_per_device"] == 1.0
+        assert two["steps_per_s"] > 0 and two["efficiency_per_device"] == two["speedup"] / 2
+        assert one["steps_done"] == two["steps_done"] == 1 + sc["rounds"] * sc["steps_per_round"]
+        # The same computation on 1 and on 2 devices (ES: bitwise, BPTT: all-reduce order).
+        np.testing.assert_allclose(two["final_loss"], one["final_loss"], rtol=1e-5)
+    md = "\n".join(benchmark.scaling_markdown(sc))
+    assert "| 2 x 1 | 2 |" in md and f"only {os.cpu_count()} devices add compute" in md

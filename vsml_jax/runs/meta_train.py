@@ -272,15 +272,20 @@ def build_learner(cfg: MetaTrainConfig, input_size: int, num_classes: int,
     return vsml_learner(arch, **kwargs)
 
 
-def make_eval_fn(cfg: MetaTrainConfig, learner, params_of, mesh):
-    """state -> {"eval/<dataset>": cumulative accuracies} on the test splits."""
+def make_eval_fn(cfg: MetaTrainConfig, learner, params_of, mesh, input_size: int,
+                 num_classes: int):
+    """state -> {"eval/<dataset>": cumulative accuracies} on the test splits.
+
+    Every eval data set is resized to the learner's `input_size` and must have
+    its `num_classes` classes.
+    """
     import jax
     from vsml_jax import runtime
     from vsml_jax.meta.objective import meta_test_accuracy
     from vsml_jax.meta.sharding import replicated
     tests = {name: runtime.put_replicated(
                  load_checked_dataset(name, "test", cfg.data_dir, cfg.pool, cfg.download,
-                                      num_classes=learner_num_classes(learner)),
+                                      input_size=input_size, num_classes=num_classes),
                  replicated(mesh))
              for name in cfg.eval_datasets}
     key = jax.random.PRNGKey(cfg.seed + 12345)  # fixed: evals are comparable
@@ -294,11 +299,6 @@ def make_eval_fn(cfg: MetaTrainConfig, learner, params_of, mesh):
         params = params_of(state)
         return {f"eval/{name}": evaluate(params, test) for name, test in tests.items()}
     return eval_fn
-
-
-def learner_num_classes(learner) -> int:
-    cfg = learner.config
-    return cfg.num_classes
 
 
 # ------------------------------------------------------------------ run
@@ -378,7 +378,7 @@ def _build(cfg: MetaTrainConfig) -> _Built:
     eval_fn = None
     if cfg.eval_every:
         eval_learner = build_learner(cfg, input_size, num_classes, train=False, init=init)
-        eval_fn = make_eval_fn(cfg, eval_learner, params_of, mesh)
+        eval_fn = make_eval_fn(cfg, eval_learner, params_of, mesh, input_size, num_classes)
     input_info = {"dataset": cfg.dataset, "pool": cfg.pool, "input_size": input_size,
                   "num_classes": num_classes}
     return _Built(mesh, learner, init_fn, step_fn, eval_fn, params_of, advice, input_info)

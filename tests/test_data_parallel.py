@@ -1,0 +1,108 @@
+"""Data parallelism inside one process: 1, 2, 4 or 8 devices, the same learner.
+
+The batch of episodes (BPTT), the population (ES) and the cloned cells are
+split over a mesh of the conftest's 8 CPU devices; only float reassociation
+of the reductions may differ. Multi-process jobs: test_multiprocess.py.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vsml_jax
+from vsml_jax.data import Dataset
+from vsml_jax.learners import vsml_learner
+from vsml_jax.meta import evolution, gradient, sharding
+from vsml_jax.meta.objective import EpisodeSpec
+from vsml_jax.runs.clone import CloneConfig, _build
+
+CFG = vsml_jax.VSMLConfig(layer_sizes=(6, 3), hidden_size=4, msg_size=2, micro_ticks=1,
+                          readout_scale=5.0)
+DEVICE_COUNTS = (1, 2, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    rng = np.random.default_rng(0)
+    protos = 2.0 * rng.normal(size=(3, 6))
+    labels = rng.integers(0, 3, size=90)
+    images = protos[labels] + 0.3 * rng.normal(size=(90, 6))
+    return Dataset(images=jnp.asarray(images, jnp.float32),
+                   labels=jnp.asarray(labels, jnp.int32), num_classes=3, name="clusters")
+
+
+def _run(init_fn, step_fn, mesh, steps):
+    state = jax.jit(init_fn, out_shardings=sharding.replicated(mesh))()
+    for _ in range(steps):
+        state, metrics = step_fn(state)
+    return state, metrics
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _assert_same(results):
+    base = results[0]
+    for other in results[1:]:
+        for a, b in zip(base, other):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_bptt_on_1_2_4_8_devices_gives_the_same_learner(clusters):
+    learner = vsml_learner(CFG)
+    optimizer = gradient.make_optimizer("adam", 3e-2, 1.0)
+    spec = EpisodeSpec(length=10, batch=8)
+    results = []
+    for n in DEVICE_COUNTS:
+        mesh = sharding.device_mesh(jax.devices()[:n])
+        state, metrics = _run(gradient.make_init_fn(learner, optimizer, seed=0),
+                              gradient.make_step_fn(learner, optimizer, clusters, spec,
+                                                    mesh), mesh, 3)
+        leaf = jax.tree_util.tree_leaves(state.params)[0]
+        assert len(leaf.sharding.device_set) == n  # replicated on the mesh
+        results.append(_leaves(state.params))
+    _assert_same(results)
+    assert not np.array_equal(results[0][0], _leaves(learner.init_params(
+        jax.random.split(jax.random.PRNGKey(0))[0]))[0])  # it did learn something
+
+
+def test_evolution_on_1_and_8_devices_gives_the_same_learner(clusters):
+    learner = vsml_learner(CFG)
+    init = learner.init_params(jax.random.PRNGKey(0))
+    strategy, es_params = evolution.make_strategy("open_es", 8, init, sigma_init=0.1)
+    spec = EpisodeSpec(length=10, batch=2)
+    results = []
+    for n in (1, 8):  # (each count compiles anew; BPTT covers 2 and 4)
+        mesh = sharding.device_mesh(jax.devices()[:n])
+        state, _ = _run(evolution.make_init_fn(learner, strategy, es_params, seed=0),
+                        evolution.make_step_fn(learner, strategy, es_params, clusters,
+                                               spec, mesh), mesh, 3)
+        results.append(_leaves(evolution.mean_params(strategy, state)))
+    _assert_same(results)
+
+
+def test_cloning_on_1_and_8_devices_gives_the_same_learner():
+    c = CloneConfig(stage="backprop", hidden_size=4, msg_size=4, micro_ticks=1,
+                    meta_test_layer_sizes=(4, 2), batch_size=16, unroll_steps=2,
+                    eval_cells=8, eval_long_steps=2)
+    spec, cfg = c.spec(), c.vsml_config()
+    results = []
+    for n in (1, 8):
+        mesh = sharding.device_mesh(jax.devices()[:n])
+        init_fn, step_fn, _, shardings = _build(c, cfg, spec, mesh)
+        state = jax.jit(init_fn, out_shardings=shardings)()
+        for _ in range(3):
+            state, metrics = step_fn(state)
+        assert len(state["chains"].w.sharding.device_set) == n  # cells split over devices
+        results.append(_leaves(state["train"]))
+    _assert_same(results)
+
+
+def test_a_batch_that_does_not_divide_the_devices_is_a_clear_error(clusters):
+    mesh = sharding.device_mesh(jax.devices()[:8])
+    learner = vsml_learner(CFG)
+    optimizer = gradient.make_optimizer("adam", 3e-2, 1.0)
+    with pytest.raises(ValueError, match=r"--batch_size=12 must be a multiple of the 8 "
+                                         r"devices.*--batch_size=8 or 16"):
+        gradient.make_step_fn(learner, optimizer, clusters, EpisodeSpec(10, 12), mesh)
