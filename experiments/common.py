@@ -154,7 +154,8 @@ def run(main: Callable[[list], Any], *, cluster_flags: bool = True) -> None:
             runtime.start(cluster_from_flags() if cluster_flags else None)
             return main(argv)
         except _user_errors() as e:
-            _fail(prog, str(e))
+            # OSError's str() wraps the message in "[Errno N] ...: 'path'".
+            _fail(prog, e.strerror if isinstance(e, OSError) and e.strerror else str(e))
 
     app.run(wrapped)
 

@@ -246,6 +246,9 @@ def load_learner(spec: str, input_size: Optional[int] = None,
     return LoadedLearner(learner=learner, params=params, info=info, source=spec, pool=pool)
 
 
+_NOTED = set()
+
+
 def _note_unfinished(spec: str, info: Dict[str, Any]) -> None:
     """Says so when the learner comes from a run that has not finished.
 
@@ -254,7 +257,8 @@ def _note_unfinished(spec: str, info: Dict[str, Any]) -> None:
     NaN-stopped run can be meta-tested with its newest good checkpoint.
     """
     run = info.get("meta_training") or info.get("cloning") or {}
-    if run.get("finished") is False:
+    if run.get("finished") is False and (spec, run.get("steps")) not in _NOTED:
+        _NOTED.add((spec, run.get("steps")))  # once per learner, not per load
         logging.warning("%s is an unfinished run: using the learner of its newest good "
                         "checkpoint (step %s).", spec, run.get("steps"))
 

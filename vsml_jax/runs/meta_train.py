@@ -418,6 +418,7 @@ def _train(cfg: MetaTrainConfig, workdir: str, b: _Built) -> RunOutcome:
                       mesh=b.mesh, on_checkpoint=export, nan_advice=b.nan_advice)
     if not result.preempted:
         export(result.state, result.step, finished=True)
-        logging.info("Wrote %s/params.msgpack and %s/learner.json", workdir, workdir)
+        if runtime.is_primary():
+            logging.info("Wrote %s/params.msgpack and %s/learner.json", workdir, workdir)
     return RunOutcome(params=runtime.to_host(b.params_of(result.state)), step=result.step,
                       preempted=result.preempted)
