@@ -441,7 +441,7 @@ def main(argv):
             elif len(lrs) == 1:  # nothing to choose: no sweep runs
                 best, table, how = lrs[0], None, "--lrs (one entry)"
             else:
-                best, table = online_gd.sweep_learning_rate(make, lrs, sweep_streams,
+                best, table = evaluation.sweep_learning_rate(make, lrs, sweep_streams,
                                                             sweep_seeds, stream_batch=K)
                 how = f"sweep on {FLAGS.sweep_split} streams"
                 log(f"{label}: lr {how} "

@@ -150,7 +150,7 @@ def test_sweep_picks_the_best_mean_cumulative_accuracy():
     seeds = [11, 12]
     make = lambda lr: online_gd.online_gd_learner(8, 3, optimizer="sgd", learning_rate=lr)
     lrs = [0.0, 1.0, 1e-4]
-    best, table = online_gd.sweep_learning_rate(make, lrs, (x, y), seeds)
+    best, table = evaluation.sweep_learning_rate(make, lrs, (x, y), seeds)
     assert [r["lr"] for r in table] == lrs
     # Recompute the criterion independently for every lr.
     for row in table:

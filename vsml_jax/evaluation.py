@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -473,3 +473,43 @@ def config_dict(cfg: Any) -> Any:
         return {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(cfg).items()}
     return None if cfg is None else repr(cfg)
+
+
+# ------------------------------------------------------------- lr selection
+def sweep_learning_rate(make_learner: Callable[[float], Learner], lrs: Sequence[float],
+                        streams: Any, seeds: Sequence[int], *, stream_batch: int = 0
+                        ) -> Tuple[float, List[Dict[str, float]]]:
+    """Chooses a learning rate by mean cumulative online accuracy.
+
+    The criterion is the fraction of correct online predictions over the whole
+    stream, averaged over the sweep streams (higher is better; ties go to the
+    earlier entry of `lrs`). Use streams and seeds that are disjoint from the
+    ones the result is reported on.
+
+    Args:
+      make_learner: lr -> Learner.
+      lrs: candidate learning rates.
+      streams: `make_streams(...)` or arrays (inputs
+        [S, T, (K,) D], one-hot labels [S, T, (K,) C]).
+      seeds: S ints; seed s initialises the network of stream s.
+      stream_batch: K if every step carries K examples (a minibatch), else 0.
+    Returns:
+      (best lr, table) with one row per lr: {"lr", "score", "score_std",
+      "mean_loss"}. A run whose mean loss is not finite (it diverged) is only
+      chosen if every run diverged.
+    """
+    if not lrs:
+        raise ValueError("sweep_learning_rate: give at least one learning rate.")
+    table = []
+    for lr in lrs:
+        learner = make_learner(float(lr))
+        out = evaluate_learner(learner, learner.init_params(jax.random.key(0)),
+                                          streams, seeds, stream_batch=stream_batch)
+        acc = np.asarray(out.correct, np.float64)
+        per_seed = acc.reshape(acc.shape[0], -1).mean(axis=1)
+        table.append({"lr": float(lr), "score": float(per_seed.mean()),
+                      "score_std": float(per_seed.std()),
+                      "mean_loss": float(np.mean(np.asarray(out.loss, np.float64)))})
+    finite = [r for r in table if np.isfinite(r["mean_loss"])] or table
+    best = max(finite, key=lambda r: r["score"])  # max keeps the first of equals
+    return best["lr"], table

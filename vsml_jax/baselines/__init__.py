@@ -1,7 +1,8 @@
 """Baseline learners, all speaking the `vsml_jax.learners.Learner` interface.
 
 - `online_gd`: online backprop (Adam / SGD) on y = W x + b, an MLP, or the
-  y = tanh(x) W + b network of the cloning experiment; learning-rate sweeps.
+  y = tanh(x) W + b network of the cloning experiment (their learning rates
+  are swept by `vsml_jax.evaluation.sweep_learning_rate`).
 - `meta_rnn`: the Meta RNN of Hochreiter et al. (2001), one LSTM.
 - `hebbian`: a learned local learning rule shared by all weights (eq. 9-12).
 - `nonparametric`: nearest class mean and 1-nearest neighbour, yardsticks with
@@ -13,11 +14,11 @@ from vsml_jax.baselines.nonparametric import (NonparametricConfig,
                                               nearest_mean_learner,
                                               nearest_neighbour_learner)
 from vsml_jax.baselines.online_gd import (OnlineGDConfig, online_gd_learner,
-                                          sweep_learning_rate, tanh_linear_learner)
+                                          tanh_linear_learner)
 
 __all__ = [
     "HebbianConfig", "hebbian_learner", "MetaRNNConfig", "count_params",
     "meta_rnn_learner", "NonparametricConfig", "nearest_mean_learner",
-    "nearest_neighbour_learner", "OnlineGDConfig", "online_gd_learner", "sweep_learning_rate",
+    "nearest_neighbour_learner", "OnlineGDConfig", "online_gd_learner",
     "tanh_linear_learner",
 ]
