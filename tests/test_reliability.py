@@ -12,6 +12,8 @@ import sys
 import time
 
 import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vsml_jax.training import loop
 
@@ -82,8 +84,19 @@ def test_non_finite_data_is_rejected_naming_the_example(tmp_path):
 def test_optimiser_settings_may_change_on_resume_and_are_recorded(tmp_path):
     workdir = str(tmp_path / "run")
     first = _meta_train(f"--workdir={workdir}", *TINY, "--num_steps=2",
-                        "--checkpoint_every=1", "--lr=1e-2")
+                        "--checkpoint_every=1", "--lr=1e-2", "--eval_every=2",
+                        "--eval_datasets=mnist", "--eval_length=100", "--eval_episodes=1")
     assert first.returncode == 0, first.stderr[-3000:]
+    # What `tensorboard --logdir` shows: meta-loss, learning rate, meta-test accuracy.
+    events = EventAccumulator(os.path.join(workdir, "tensorboard"))
+    events.Reload()
+    scalars = {t: [(e.step, e.value) for e in events.Scalars(t)]
+               for t in events.Tags()["scalars"]}
+    records = loop.read_metrics(workdir)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2]
+    assert scalars["train/loss"][1][1] == pytest.approx(records[1]["loss"])
+    assert scalars["train/lr"] == [(1, pytest.approx(1e-2)), (2, pytest.approx(1e-2))]
+    assert [s for s, _ in scalars["eval/mnist/acc@100"]] == [2]
     # What the NaN message advises: a lower learning rate, same workdir.
     resumed = _meta_train(f"--workdir={workdir}", *TINY, "--num_steps=4",
                           "--checkpoint_every=1", "--lr=3e-3", "--clip_norm=0.5")
@@ -91,7 +104,9 @@ def test_optimiser_settings_may_change_on_resume_and_are_recorded(tmp_path):
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["lr"] == 3e-3
     assert config["resume_changes"] == [{"step": 2, "changes": {
-        "clip_norm": [1.0, 0.5], "lr": [0.01, 0.003], "num_steps": [2, 4]}}]
+        "clip_norm": [1.0, 0.5], "eval_datasets": [["mnist"], ["mnist", "fashion_mnist"]],
+        "eval_episodes": [1, 2], "eval_every": [2, 0], "eval_length": [100, 1000],
+        "lr": [0.01, 0.003], "num_steps": [2, 4]}}]
     assert "changed settings" in resumed.stderr
     # The architecture may not change: the mismatch error stays.
     clash = _meta_train(f"--workdir={workdir}", *TINY, "--num_steps=4", "--msg_size=3")

@@ -51,6 +51,14 @@ class GradientTrainState:
     key: jax.Array
 
 
+def make_schedule(lr: float, decay_steps: int = 0, final_lr_fraction: float = 0.1
+                  ) -> optax.Schedule:
+    """The learning rate by step: constant, or a cosine from `lr` down to
+    `final_lr_fraction * lr` over `decay_steps` steps (then constant)."""
+    return (optax.cosine_decay_schedule(lr, decay_steps, alpha=final_lr_fraction)
+            if decay_steps else optax.constant_schedule(lr))
+
+
 def make_optimizer(name: str = "adam", lr: float = 1e-2, clip_norm: Optional[float] = 1.0,
                    b1: float = 0.9, b2: float = 0.999, momentum: float = 0.0,
                    decay_steps: int = 0, final_lr_fraction: float = 0.1
@@ -77,8 +85,7 @@ def make_optimizer(name: str = "adam", lr: float = 1e-2, clip_norm: Optional[flo
                          "negative one turns the schedule into gradient ascent).")
     if clip_norm is not None and clip_norm < 0:
         raise ValueError(f"clip_norm={clip_norm} must be >= 0 (0 or None: off).")
-    schedule = (optax.cosine_decay_schedule(lr, decay_steps, alpha=final_lr_fraction)
-                if decay_steps else optax.constant_schedule(lr))
+    schedule = make_schedule(lr, decay_steps, final_lr_fraction)
     base = (optax.adam(schedule, b1=b1, b2=b2) if name == "adam"
             else optax.sgd(schedule, momentum=momentum or None))
     return optax.chain(optax.clip_by_global_norm(clip_norm or float("inf")), base)
@@ -106,7 +113,8 @@ def make_init_fn(learner: Learner, optimizer: optax.GradientTransformation, seed
 
 
 def make_step_fn(learner: Learner, optimizer: optax.GradientTransformation,
-                 data: Dataset, spec: EpisodeSpec, mesh: Optional[Mesh] = None
+                 data: Dataset, spec: EpisodeSpec, mesh: Optional[Mesh] = None,
+                 schedule: Optional[optax.Schedule] = None
                  ) -> Callable[[GradientTrainState], Tuple[GradientTrainState, Dict]]:
     """A jitted meta-training step: sample episodes, BPTT, optimiser update.
 
@@ -121,6 +129,8 @@ def make_step_fn(learner: Learner, optimizer: optax.GradientTransformation,
         replicated, and XLA all-reduces the gradient. `spec.batch` must be a
         multiple of the mesh size. The state passed in must be replicated on
         the mesh (the training loop does this).
+      schedule: the optimiser's learning-rate schedule (`make_schedule`), to
+        report the rate of each step as metric "lr".
     Returns:
       step_fn(state) -> (new state, {"loss", "accuracy", "grad_norm"}) where
       loss/accuracy are those of the episodes used for this step (before the
@@ -137,6 +147,8 @@ def make_step_fn(learner: Learner, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
         new_state = GradientTrainState(step=state.step + 1, params=params,
                                        opt_state=opt_state, key=key)
         return new_state, metrics

@@ -134,13 +134,14 @@ class CloneConfig:
 
 
 def _optimizer(c: CloneConfig):
-    """Adam with optional clipping and cosine decay (over num_steps unless set)."""
+    """(Adam with optional clipping and cosine decay over num_steps unless set,
+    its learning-rate schedule)."""
     from vsml_jax.meta import gradient
-    decay = c.lr_decay_steps or c.num_steps
-    return gradient.make_optimizer(
-        "adam", c.lr, clip_norm=c.clip_norm or None,
-        decay_steps=decay if c.lr_final_fraction != 1.0 else 0,
-        final_lr_fraction=c.lr_final_fraction)
+    decay = (c.lr_decay_steps or c.num_steps) if c.lr_final_fraction != 1.0 else 0
+    return (gradient.make_optimizer("adam", c.lr, clip_norm=c.clip_norm or None,
+                                    decay_steps=decay,
+                                    final_lr_fraction=c.lr_final_fraction),
+            gradient.make_schedule(c.lr, decay, c.lr_final_fraction))
 
 
 def _build(c: CloneConfig, cfg, spec, mesh):
@@ -153,7 +154,7 @@ def _build(c: CloneConfig, cfg, spec, mesh):
     from vsml_jax.params import init_params
     from vsml_jax.training import checkpointing
 
-    opt = _optimizer(c)
+    opt, schedule = _optimizer(c)
     use_enc = c.learned_encoding
     start_params, start_encoding = None, None
     if c.init_checkpoint:  # read once, here, not inside the traced init_fn
@@ -206,6 +207,7 @@ def _build(c: CloneConfig, cfg, spec, mesh):
         new = {"train": optax.apply_updates(train, updates), "opt_state": opt_state,
                "chains": jax.lax.stop_gradient(chains), "key": key,
                "step": state["step"] + 1}
+        metrics["lr"] = schedule(state["step"])
         return jax.lax.with_sharding_constraint(new, shardings), metrics
 
     eval_key = jax.random.PRNGKey(c.seed + 12345)  # fixed: evals are comparable

@@ -352,7 +352,9 @@ def _build(cfg: MetaTrainConfig) -> _Built:
             cfg.meta_optimizer, cfg.lr, cfg.clip_norm or None,
             decay_steps=cfg.lr_decay_steps, final_lr_fraction=cfg.lr_final_fraction)
         init_fn = gradient.make_init_fn(learner, optimizer, cfg.seed, init_params)
-        step_fn = gradient.make_step_fn(learner, optimizer, train_data, spec, mesh)
+        schedule = gradient.make_schedule(cfg.lr, cfg.lr_decay_steps, cfg.lr_final_fraction)
+        step_fn = gradient.make_step_fn(learner, optimizer, train_data, spec, mesh,
+                                        schedule)
         params_of = lambda state: state.params
         advice = (f"lower the learning rate (e.g. --lr={cfg.lr / 3:.3g})"
                   + ("" if cfg.clip_norm else " or clip the gradient (--clip_norm=1)"))
