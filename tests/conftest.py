@@ -21,3 +21,20 @@ def data_dir():
                     "IDX files; point it there (CI uses ../shared/data, see BUILD.md). "
                     "The data tests run on real files.")
     return path
+
+
+@pytest.fixture(scope="session")
+def clusters():
+    """3 Gaussian clusters in 6-D: with permuted labels, learnable only online.
+
+    Built with numpy: no JAX compilation needed for the test data.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+    from vsml_jax.data import Dataset
+    rng = np.random.default_rng(0)
+    protos = 2.0 * rng.normal(size=(3, 6))
+    labels = rng.integers(0, 3, size=90)
+    images = protos[labels] + 0.3 * rng.normal(size=(90, 6))
+    return Dataset(images=jnp.asarray(images, jnp.float32),
+                   labels=jnp.asarray(labels, jnp.int32), num_classes=3, name="clusters")

@@ -5,12 +5,10 @@ split over a mesh of the conftest's 8 CPU devices; only float reassociation
 of the reductions may differ. Multi-process jobs: test_multiprocess.py.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import vsml_jax
-from vsml_jax.data import Dataset
 from vsml_jax.learners import vsml_learner
 from vsml_jax.meta import evolution, gradient, sharding
 from vsml_jax.meta.objective import EpisodeSpec
@@ -20,15 +18,6 @@ CFG = vsml_jax.VSMLConfig(layer_sizes=(6, 3), hidden_size=4, msg_size=2, micro_t
                           readout_scale=5.0)
 DEVICE_COUNTS = (1, 2, 4, 8)
 
-
-@pytest.fixture(scope="module")
-def clusters():
-    rng = np.random.default_rng(0)
-    protos = 2.0 * rng.normal(size=(3, 6))
-    labels = rng.integers(0, 3, size=90)
-    images = protos[labels] + 0.3 * rng.normal(size=(90, 6))
-    return Dataset(images=jnp.asarray(images, jnp.float32),
-                   labels=jnp.asarray(labels, jnp.int32), num_classes=3, name="clusters")
 
 
 def _run(init_fn, step_fn, mesh, steps):

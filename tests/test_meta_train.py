@@ -11,7 +11,6 @@ import optax
 import pytest
 
 import vsml_jax
-from vsml_jax.data import Dataset
 from vsml_jax.learners import vsml_learner
 from vsml_jax.meta import evolution, gradient, sharding
 from vsml_jax.meta.objective import EpisodeSpec, episodes_loss, sample_batch
@@ -21,19 +20,6 @@ CFG = vsml_jax.VSMLConfig(layer_sizes=(6, 3), hidden_size=4, msg_size=2, micro_t
                           readout_scale=5.0)
 SPEC = EpisodeSpec(length=10, batch=4)
 
-
-@pytest.fixture(scope="module")
-def clusters():
-    """3 Gaussian clusters in 6-D: with permuted labels, learnable only online.
-
-    Built with numpy: no JAX compilation needed for the test data.
-    """
-    rng = np.random.default_rng(0)
-    protos = 2.0 * rng.normal(size=(3, 6))
-    labels = rng.integers(0, 3, size=90)
-    images = protos[labels] + 0.3 * rng.normal(size=(90, 6))
-    return Dataset(images=jnp.asarray(images, jnp.float32),
-                   labels=jnp.asarray(labels, jnp.int32), num_classes=3, name="clusters")
 
 
 @pytest.fixture(scope="module")
