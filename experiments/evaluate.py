@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -466,19 +467,23 @@ def main(argv):
                                       curves[f"{dataset}/{m}/test_acc"]) for m in per_method}
 
     xlabel = "examples seen" if not K else f"examples seen ({K} per step)"
+    side = math.isqrt(input_size)
+    title = (f"{len(seeds)} seeds (mean +- std), {side}x{side} inputs, "
+             f"{split} split streams")
     fig = plotting.plot_learning_curves(cum_panels, os.path.join(FLAGS.out_dir, "fig6.png"),
                                         xlabel=xlabel, x_scale=max(K, 1),
-                                        ylabel="cumulative online accuracy")
+                                        ylabel="cumulative online accuracy", title=title)
     plotting.plot_learning_curves(win_panels, os.path.join(FLAGS.out_dir,
                                                            "window_accuracy.png"),
                                   xlabel=xlabel, x_scale=max(K, 1),
-                                  ylabel=f"accuracy over last {FLAGS.window} steps")
+                                  ylabel=f"accuracy over last {FLAGS.window} steps",
+                                  title=title)
     files = {"figure": os.path.basename(fig), "window_figure": "window_accuracy.png",
              "curves": "curves.npz"}
     if test_every:
         plotting.plot_held_out_curves(test_panels, os.path.join(FLAGS.out_dir,
                                                                   "test_accuracy.png"),
-                                        xlabel=xlabel, x_scale=max(K, 1))
+                                        xlabel=xlabel, x_scale=max(K, 1), title=title)
         files["test_figure"] = "test_accuracy.png"
     np.savez_compressed(os.path.join(FLAGS.out_dir, "curves.npz"), **curves)
     summary = {

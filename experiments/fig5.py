@@ -224,8 +224,10 @@ def main(argv):
             "methods": meta, "summary": summary, "curves": curves}, f, indent=1)
     xlabel = ("training steps (one image each)" if not K else
               f"training steps ({K} images each, states averaged)")
-    plotting.plot_held_out_curves(panels, os.path.join(FLAGS.out_dir, "fig5.png"),
-                                    xlabel=xlabel, ylabel="test accuracy")
+    plotting.plot_held_out_curves(
+        panels, os.path.join(FLAGS.out_dir, "fig5.png"), xlabel=xlabel,
+        ylabel=f"test accuracy ({FLAGS.test_examples} test images)",
+        title=f"{len(seeds)} seeds (mean +- std), {side}x{side} inputs")
     print(json.dumps(summary, indent=1))
 
 

@@ -78,7 +78,8 @@ def learning_curve_panels(results: Mapping[str, Mapping[str, np.ndarray]]
 
 def plot_held_out_curves(panels: Dict[str, Dict[str, Tuple[np.ndarray, np.ndarray]]],
                          path: str, *, xlabel: str = "examples seen",
-                         ylabel: str = "held-out accuracy", x_scale: int = 1) -> str:
+                         ylabel: str = "held-out accuracy", x_scale: int = 1,
+                         title: Optional[str] = None) -> str:
     """Saves one panel per dataset of held-out accuracy, mean +- std over seeds.
 
     Args:
@@ -108,6 +109,8 @@ def plot_held_out_curves(panels: Dict[str, Dict[str, Tuple[np.ndarray, np.ndarra
         ax.set_ylim(0.0, 1.0)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
