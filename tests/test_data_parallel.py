@@ -11,7 +11,7 @@ import pytest
 import vsml_jax
 from vsml_jax.learners import vsml_learner
 from vsml_jax.meta import evolution, gradient, sharding
-from vsml_jax.meta.objective import EpisodeSpec
+from vsml_jax.meta.objective import EpisodeSpec, episodes_loss, sample_batch
 from vsml_jax.runs.clone import CloneConfig, _build
 
 CFG = vsml_jax.VSMLConfig(layer_sizes=(6, 3), hidden_size=4, msg_size=2, micro_ticks=1,
@@ -36,6 +36,21 @@ def _assert_same(results):
     for other in results[1:]:
         for a, b in zip(base, other):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_meta_gradient_is_the_same_on_1_2_8_devices(clusters):
+    # The gradient itself, not only Adam's (scale-free) steps: a mean counted
+    # twice or a gradient summed instead of averaged would show here.
+    learner = vsml_learner(CFG)
+    params = learner.init_params(jax.random.PRNGKey(0))
+    episodes = sample_batch(jax.random.PRNGKey(2), clusters, EpisodeSpec(10, 8))
+    key = jax.random.PRNGKey(3)
+    grads = []
+    for n in (1, 2, 8):
+        mesh = sharding.device_mesh(jax.devices()[:n])
+        loss = lambda p: episodes_loss(learner, p, key, episodes, mesh)[0]
+        grads.append(_leaves(jax.jit(jax.grad(loss))(params)))
+    _assert_same(grads)
 
 
 def test_bptt_on_1_2_4_8_devices_gives_the_same_learner(clusters):

@@ -18,11 +18,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from vsml_jax.data import Dataset, sample_episodes
 from vsml_jax.learners import Learner
-from vsml_jax.meta.sharding import shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,25 +65,47 @@ def episodes_loss(learner: Learner, params: Any, key: jax.Array,
       params: its meta variables.
       key: PRNG key for the initial states (one per episode).
       episodes: (inputs [E, T, D], labels one-hot [E, T, C]).
-      mesh: inside jit, split the E episodes over this device mesh (data
-        parallelism; E must be a multiple of its size). The numbers do not
-        depend on it beyond float reassociation of the mean.
+      mesh: split the E episodes over this device mesh (data parallelism; E
+        must be a multiple of its size): each device runs its share with the
+        same per-episode program as without a mesh (`jax.shard_map`), and the
+        means are averaged once. The numbers do not depend on it beyond float
+        reassociation of the mean.
     Returns:
       (loss [], {"loss": [], "accuracy": []}); accuracy is the mean online
       accuracy over all steps and episodes.
     """
-    inputs, labels = shard_batch(episodes, mesh)
-    num_episodes = inputs.shape[0]
-    states = shard_batch(jax.vmap(learner.init_state)(jax.random.split(key, num_episodes)),
-                         mesh)
+    inputs, labels = episodes
+    # One key per episode, split globally: the same initial states whatever
+    # the number of devices.
+    keys = jax.random.split(key, inputs.shape[0])
 
-    def run(state, x, y):
-        _, out = learner.unroll(params, state, (x, y))
-        return out.loss, out.correct
+    def mean_over(params, keys, inputs, labels):
+        states = jax.vmap(learner.init_state)(keys)
 
-    losses, correct = jax.vmap(run)(states, inputs, labels)
-    loss = jnp.mean(losses.astype(jnp.float32))
-    return loss, {"loss": loss, "accuracy": jnp.mean(correct.astype(jnp.float32))}
+        def run(state, x, y):
+            _, out = learner.unroll(params, state, (x, y))
+            return out.loss, out.correct
+
+        losses, correct = jax.vmap(run)(states, inputs, labels)
+        return (jnp.mean(losses.astype(jnp.float32)),
+                jnp.mean(correct.astype(jnp.float32)))
+
+    if mesh is None or mesh.devices.size == 1:
+        loss, accuracy = mean_over(params, keys, inputs, labels)
+    else:
+        # shard_map rather than sharding constraints alone: XLA's propagation
+        # through the scanned unroll put an all-gather into every time step
+        # (measured); here the only collective is one mean of the results
+        # (and, under grad, one of the gradient).
+        axis = mesh.axis_names[0]
+
+        def local(params, keys, inputs, labels):
+            return jax.lax.pmean(mean_over(params, keys, inputs, labels), axis)
+
+        loss, accuracy = jax.shard_map(
+            local, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(axis)),
+            out_specs=P(), check_vma=False)(params, keys, inputs, labels)
+    return loss, {"loss": loss, "accuracy": accuracy}
 
 
 def episode_batch_loss(learner: Learner, params: Any, key: jax.Array, data: Dataset,
