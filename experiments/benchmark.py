@@ -519,7 +519,7 @@ def other_load(seconds: float = 1.0) -> float:
     return max(0.0, (machine_busy_seconds() - b0 - own) / (time.perf_counter() - t0))
 
 
-def wait_for_quiet(max_load: float = 0.3, max_wait_s: float = 90.0) -> float:
+def wait_for_quiet(max_load: float = 0.3, max_wait_s: float = 60.0) -> float:
     """Waits (at most `max_wait_s`) until other processes use < `max_load` cores.
 
     Returns the last sampled load (cores).
@@ -631,7 +631,14 @@ def scaling(quick: bool, repeats: int, configs: Optional[Sequence] = None,
                cpu_count=os.cpu_count(), concurrent=quick, fast_compile=quick, runs=[])
     if quick:  # all at once: only checks that everything runs
         jobs = [start_scaling_workers(spec, p, d, fast_compile=True) for p, d in configs]
-        done = [(job, finish_scaling_workers(job)) for job in jobs]
+        try:
+            done = [(job, finish_scaling_workers(job)) for job in jobs]
+        finally:  # a failed job must not leave the others running
+            for job in jobs:
+                for proc in job["procs"]:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
     else:
         done = []
         for p, d in configs:
@@ -641,19 +648,19 @@ def scaling(quick: bool, repeats: int, configs: Optional[Sequence] = None,
             done.append((job, finish_scaling_workers(job)))
     for job, res in done:
         for name in problems:
-            main = res[0]["runs"][name]  # process 0 (all processes step in lockstep)
+            p0 = res[0]["runs"][name]  # process 0 (all processes step in lockstep)
             out["runs"].append(dict(
                 problem=name, processes=job["processes"],
                 devices_per_process=job["devices"], devices=res[0]["devices"],
-                step_time=main["step_time"], steps_per_s=1.0 / main["step_time"]["median"],
+                step_time=p0["step_time"], steps_per_s=1.0 / p0["step_time"]["median"],
                 cpu_s_per_step=sum(r["runs"][name]["cpu_s_per_step"] for r in res),
                 first_call_s=max(r["runs"][name]["first_call_s"] for r in res),
-                final_loss=main["final_loss"], steps_done=main["steps_done"],
+                final_loss=p0["final_loss"], steps_done=p0["steps_done"],
                 worker_wall_s=job["wall_s"], other_load_before=job.get("other_load_before"),
                 # Cores used by other processes while process 0 timed its rounds.
-                other_load=max(0.0, (main["timed_machine_busy_s"]
+                other_load=max(0.0, (p0["timed_machine_busy_s"]
                                      - sum(r["runs"][name]["timed_cpu_s"] for r in res))
-                               / main["timed_wall_s"])))
+                               / p0["timed_wall_s"])))
         print(f"scaling {job['processes']} x {job['devices']}: " + ", ".join(
             f"{r['problem']} {r['steps_per_s']:.3f} steps/s"
             for r in out["runs"][-len(problems):]), flush=True)
@@ -700,8 +707,8 @@ def scaling_markdown(sc: Dict) -> List[str]:
     how = ("all configurations at once, XLA optimisations off (--quick: a smoke test)"
            if sc.get("concurrent") else "one configuration after another")
     lines += ["", f"Each configuration runs in fresh processes (the device count is fixed "
-              f"when JAX starts), {how}; {sc['rounds']} rounds of {sc['steps_per_round']} steps after "
-              "a compiling first step, step time = median round time / steps. Efficiency per "
+              f"when JAX starts), {how}; {sc['rounds']} rounds of {sc['steps_per_round']} "
+              "steps after a compiling first step, step time = median round time / steps. Efficiency per "
               "device = steps/s on n devices / (n x steps/s on 1 device). The devices are "
               f"virtual CPU devices on a {cores}-core machine (`os.cpu_count()` = {cores}): "
               f"only {cores} devices add compute; more devices split the same {cores} cores, "
@@ -710,7 +717,7 @@ def scaling_markdown(sc: Dict) -> List[str]:
               "(up to the core count x step time when every core works). Other load: cores' "
               "worth of CPU that other processes on the machine used while the steps were "
               "timed (from /proc/stat)" + ("." if sc.get("concurrent") else
-                                            "; each configuration waits (up to 90 s) for it "
+                                            "; each configuration waits (up to 60 s) for it "
                                             "to drop below 0.3 cores before it starts."), ""]
     return lines
 
@@ -739,8 +746,11 @@ def _fmt_t(t: Dict) -> str:
 def to_markdown(r: Dict) -> str:
     """The results as markdown tables (what README / BENCHMARK.md quote)."""
     m = r["machine"]
+    # The scaling section's devices are its workers' (in its table), not this process's.
+    in_process = any(k in r for k in SECTIONS if k != "scaling")
+    devices = f", {m['devices']} virtual CPU devices" if in_process else ""
     lines = [f"Measured {m['date']} with jax {m['jax_version']} on {m['cpu_model']} "
-             f"({m['cpu_count']} cores, {m['devices']} virtual CPU devices); load average "
+             f"({m['cpu_count']} cores{devices}); load average "
              f"{m['loadavg_start'][0]:.1f} at start, {m.get('loadavg_end', [float('nan')])[0]:.1f}"
              f" at end{' (--quick: not numbers to quote)' if r['quick'] else ''}. Times in s: "
              "median [min, max].", ""]
