@@ -46,19 +46,20 @@ def define_cluster_flags() -> None:
 
 
 def define_data_flags(dataset_default: str = "mnist", multi: bool = False) -> None:
-    """--data_dir and --download (and --dataset or --datasets)."""
-    data_help = ("Data set: mnist, fashion_mnist, idx:DIR (the four IDX files), "
-                 "npz:FILE (x_train, y_train, x_test, y_test) or tfds:NAME")
+    """--dataset (or --datasets with multi=True), --data_dir and --download."""
+    specs = "mnist, fashion_mnist, idx:DIR (the four IDX files), npz:FILE (x_train, " \
+            "y_train, x_test, y_test) or tfds:NAME"
     if multi:
-        flags.DEFINE_list("datasets", dataset_default.split(","), data_help + "; a list.")
+        flags.DEFINE_list("datasets", dataset_default.split(","), f"Data sets, each {specs}, "
+                          "or a mixture A+B (one data set per stream).")
     else:
-        flags.DEFINE_string("dataset", dataset_default, data_help + "; a,b mixes "
+        flags.DEFINE_string("dataset", dataset_default, f"Data set: {specs}; A,B mixes "
                             "several, one per episode.")
-    flags.DEFINE_string("data_dir", None, "Folder with mnist/ and fashion_mnist/ IDX files "
-                        "(default: $VSML_DATA_DIR, then the cache). An explicit folder "
-                        "must hold the data.")
-    flags.DEFINE_boolean("download", False, "Download MNIST / Fashion-MNIST (checksummed) "
-                         "into the cache if no copy is found.")
+    flags.DEFINE_string("data_dir", None, "Folder with mnist/ and fashion_mnist/ IDX files, "
+                        "the only place they are looked for when given (default: "
+                        "$VSML_DATA_DIR, then the cache); tfds' data folder for tfds:NAME.")
+    flags.DEFINE_boolean("download", False, "Download mnist / fashion_mnist (checksummed) "
+                         "if no copy is found (into --data_dir when given, else the cache).")
 
 
 def define_schedule_flags(*, num_steps: int, checkpoint_every: int, log_every: int,

@@ -38,12 +38,8 @@ from vsml_jax.pretrained import LearnerFileError, load_learner
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "pretrained:mnist", "The learner: a meta_train workdir "
                     "(params.msgpack + learner.json) or pretrained:NAME.")
-flags.DEFINE_string("dataset", "mnist", "Data set of the stream, as vsml_jax.data."
-                    "make_dataset takes it (e.g. mnist, fashion_mnist).")
+common.define_data_flags("mnist", multi=False)
 flags.DEFINE_string("split", "test", "Split the stream is drawn from.")
-flags.DEFINE_string("data_dir", None, "Folder with the data set's files (default: "
-                    "$VSML_DATA_DIR, then the other places BUILD.md lists).")
-flags.DEFINE_bool("download", False, "Download the data set if no copy is found.")
 flags.DEFINE_integer("pool", 0, "Average-pool images by this factor (1: 28x28, 4: 7x7); "
                      "0: the pooling the learner was trained with, 28x28 for "
                      "pretrained:mnist.", lower_bound=0)

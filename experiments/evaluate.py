@@ -72,9 +72,7 @@ flags.DEFINE_string("checkpoint", None, "Learner to meta-test: a meta_train work
                     "only --baselines are evaluated.")
 flags.DEFINE_string("label", None, "Name of the --checkpoint learner in tables and plots "
                     "(default: its kind, e.g. vsml).")
-flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Data sets to meta-test on, "
-                  "each a spec: mnist, fashion_mnist, idx:DIR, npz:FILE, tfds:NAME, or a "
-                  "mixture A+B (one data set per stream).")
+common.define_data_flags("mnist,fashion_mnist", multi=True)
 flags.DEFINE_list("baselines", ["adam"], "Also evaluate: adam, sgd (online backprop, lr "
                   "swept), tanh_sgd (y = tanh(x) W + b with SGD), nearest_mean, "
                   "nearest_neighbour (non-parametric, nothing tuned), and meta-trained "
@@ -124,11 +122,6 @@ flags.DEFINE_list("checkpoints", ["100", "500", "1000", "2000"],
 flags.DEFINE_integer("window", 100, "Steps in the final-window accuracy.", lower_bound=1)
 flags.DEFINE_integer("chunk_size", 1000, "Run streams in pieces of this many steps and "
                      "print progress after each.", lower_bound=1)
-flags.DEFINE_string("data_dir", None, "Folder with mnist/ and fashion_mnist/ IDX files, "
-                    "the only place they are looked for when given (default: "
-                    "$VSML_DATA_DIR, ...); tfds' data folder for tfds:NAME.")
-flags.DEFINE_bool("download", False, "Download mnist / fashion_mnist if no copy is found "
-                  "(into --data_dir when given, else the cache).")
 flags.DEFINE_string("out_dir", None, "Where summary.json and the figures go.")
 flags.mark_flag_as_required("out_dir")
 

@@ -54,8 +54,7 @@ flags.DEFINE_string("checkpoint", "pretrained:backprop_clone",
                     "The cloned learner: a workdir of experiments.clone or pretrained:NAME.")
 flags.DEFINE_string("improved_checkpoint", None, "Optional: a learner meta-trained from "
                     "the clone (drawn as 'clone + meta-training').")
-flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Data sets, each a spec: "
-                  "mnist, fashion_mnist, idx:DIR, npz:FILE, tfds:NAME, or a mixture A+B.")
+common.define_data_flags("mnist,fashion_mnist", multi=True)
 flags.DEFINE_integer("pool", 1, "Average pooling of the images (1: 28x28 = 784 inputs).",
                      lower_bound=1)
 flags.DEFINE_integer("input_size", 0, "D > 0: resize every image to sqrt(D) x sqrt(D) "
@@ -79,11 +78,6 @@ flags.DEFINE_list("hidden_sizes", [], "Stack the cloned cells into a deeper netw
 flags.DEFINE_float("w_init_std", 0.1, "With --hidden_sizes: std of the initial weights of "
                    "every layer, clone and SGD alike (the single layers start at 0).",
                    lower_bound=0.0)
-flags.DEFINE_string("data_dir", None, "Folder with mnist/ and fashion_mnist/ IDX files, "
-                    "the only place they are looked for when given (default: "
-                    "$VSML_DATA_DIR, ...); tfds' data folder for tfds:NAME.")
-flags.DEFINE_bool("download", False, "Download mnist / fashion_mnist if no copy is found "
-                  "(into --data_dir when given, else the cache).")
 flags.DEFINE_string("out_dir", None, "Where fig5.json and fig5.png go.")
 FLAGS = flags.FLAGS
 

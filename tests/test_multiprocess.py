@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # steps) that a process can be killed in the middle of it.
 TINY = ("--dataset=synthetic", "--pool=4", "--synthetic_size=64", "--hidden_size=2",
         "--msg_size=2", "--micro_ticks=1", "--episode_length=5", "--log_every=20")
-ADAM = TINY + ("--meta_optimizer=adam", "--batch_size=8", "--lr=3e-2", "--num_steps=60",
+ADAM = TINY + ("--meta_optimizer=adam", "--batch_size=8", "--lr=3e-2", "--num_steps=40",
                "--checkpoint_every=10")
 ES = TINY + ("--meta_optimizer=open_es", "--popsize=8", "--batch_size=2", "--num_steps=4",
              "--checkpoint_every=2")
@@ -119,7 +119,7 @@ def test_two_processes_equal_one_process_adam(adam_reference):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     # Only process 0 writes: one metrics record per step, one learner.
     records = [json.loads(l) for l in open(root / "multi" / "metrics.jsonl")]
-    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 61))
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 41))
     info = json.load(open(root / "multi" / "learner.json"))
     assert info["meta_training"]["finished"] is True
     assert os.path.isdir(root / "multi" / "tensorboard")
@@ -141,7 +141,7 @@ def test_killed_process_stops_the_job_and_a_restart_resumes(adam_reference, tmp_
     root, _, uninterrupted = adam_reference
     workdir = str(tmp_path / "killed")
     procs = _start(workdir, ADAM, 2, 2)
-    _wait_for_checkpoint(workdir, 20, procs)
+    _wait_for_checkpoint(workdir, 10, procs)
     procs[1].kill()  # kill -9: no chance to save or say goodbye
     t0 = time.time()
     code = procs[0].wait(timeout=90)  # bounded: the heartbeat timeout is 10 s
@@ -149,23 +149,23 @@ def test_killed_process_stops_the_job_and_a_restart_resumes(adam_reference, tmp_
     assert code != 0
     assert "another task died" in _logs(workdir, 2, tail=None)
     print(f"survivor stopped {waited:.1f} s after the kill, exit code {code}")
-    assert _latest_checkpoint(workdir) < 60
+    assert _latest_checkpoint(workdir) < 40
     _finish(workdir, _start(workdir, ADAM, 2, 2))  # the same command again
     resumed, info = _params(workdir)
     for a, b in zip(uninterrupted, resumed):
         np.testing.assert_array_equal(a, b)
-    assert info["meta_training"]["steps"] == 60
+    assert info["meta_training"]["steps"] == 40
 
 
 def test_sigterm_saves_at_one_step_and_resume_is_exact(adam_reference, tmp_path):
     root, _, uninterrupted = adam_reference
     workdir = str(tmp_path / "preempted")
     procs = _start(workdir, ADAM, 2, 2)
-    _wait_for_checkpoint(workdir, 20, procs)
+    _wait_for_checkpoint(workdir, 10, procs)
     procs[1].send_signal(signal.SIGTERM)  # what a preempted VM's process gets
     _finish(workdir, procs, timeout=90)    # both save and exit cleanly
     stopped = _latest_checkpoint(workdir)
-    assert 20 <= stopped < 60, stopped
+    assert 10 <= stopped < 40, stopped
     info = json.load(open(os.path.join(workdir, "learner.json")))
     assert info["meta_training"]["finished"] is False
     assert "Preempted" in _logs(workdir, 2, tail=None)
