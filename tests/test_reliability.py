@@ -6,6 +6,7 @@ test_workdir.py and test_metrics_writer.py.
 """
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -134,3 +135,20 @@ def test_damaged_newest_checkpoint_and_torn_metrics_line_resume(tmp_path):
     b = open(os.path.join(damaged, "params.msgpack"), "rb").read()
     assert a == b  # resumed from step 2, bit-identical to the straight run
     assert loop.read_metrics(straight) == loop.read_metrics(damaged)
+
+
+def test_nan_stop_gives_a_command_that_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    # An absurd learning rate: the meta-loss turns NaN at step 4 (measured).
+    stopped = _meta_train(f"--workdir={workdir}", *TINY, "--num_steps=6",
+                          "--checkpoint_every=1", "--lr=1e38", "--clip_norm=0")
+    assert stopped.returncode == 1
+    assert "loss is nan" in stopped.stderr and "Traceback" not in stopped.stderr
+    command = stopped.stderr.split("`")[1]  # the command the message gives
+    assert "--lr=3.33e+37" in command and "--clip_norm=1" in command
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "experiments.meta_train"]
+    again = _meta_train(*args[3:])
+    # Accepted as a resume of the same run (from this state it diverges again).
+    assert "with changed settings" in again.stderr, again.stderr[-2000:]
+    assert "different configuration" not in again.stderr

@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from vsml_jax.runs.common import (RunOutcome, SettingsError, check_choices, check_ranges,
-                                  recent_evals, write_portable)
+                                  recent_evals, rerun_command, write_portable)
 
 STAGES = ("forward", "backprop")
 # Settings that may change on resume (recorded in config.json).
@@ -282,7 +282,8 @@ def train_and_evaluate(c: CloneConfig, workdir: str) -> RunOutcome:
                       checkpoint_every=c.checkpoint_every, log_every=c.log_every,
                       eval_fn=eval_fn, eval_every=c.eval_every,
                       safe_to_change=SAFE_TO_CHANGE, on_checkpoint=export,
-                      nan_advice=f"lower the learning rate (e.g. --lr={c.lr / 3:.3g})")
+                      nan_advice="lower the learning rate (it may change on resume): "
+                                 f"`{rerun_command({'lr': f'{c.lr / 3:.3g}'})}`")
     if not result.preempted:
         export(result.state, result.step, finished=True)
     return RunOutcome(params=runtime.to_host(result.state["train"]["params"]),

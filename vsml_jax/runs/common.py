@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
+import sys
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 
@@ -86,6 +88,20 @@ def load_checked_dataset(spec: str, split: str, data_dir: Optional[str], pool: i
                          f"predicts {num_classes}; meta-test it with experiments.evaluate "
                          "(which builds a learner per data set) instead.")
     return ds
+
+
+def rerun_command(changes: Mapping[str, Any]) -> str:
+    """This process's command line with `--name=value` flags set to `changes`.
+
+    For messages that tell the user what to run next (e.g. after a NaN stop);
+    flags given as `--name value` (two words) are left as they are.
+    """
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
+    out = [a for a in argv
+           if not any(a == f"--{k}" or a.startswith(f"--{k}=") for k in changes)]
+    out += [f"--{k}={v}" for k, v in changes.items()]
+    out[0] = "python" if "python" in out[0] else out[0]
+    return " ".join(shlex.quote(a) for a in out)
 
 
 def recent_evals(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:

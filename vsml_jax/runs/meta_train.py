@@ -35,7 +35,8 @@ from absl import logging
 
 from vsml_jax.config import CELLS, PROTOCOLS, REDUCTIONS, VSMLConfig
 from vsml_jax.runs.common import (RunOutcome, SettingsError, check_choices, check_ranges,
-                                  load_checked_dataset, recent_evals, write_portable)
+                                  load_checked_dataset, recent_evals, rerun_command,
+                                  write_portable)
 
 GRADIENT_OPTIMIZERS = ("adam", "sgd")
 # Short names of evosax strategies (evosax 0.3 class names); any evosax class
@@ -356,8 +357,10 @@ def _build(cfg: MetaTrainConfig) -> _Built:
         step_fn = gradient.make_step_fn(learner, optimizer, train_data, spec, mesh,
                                         schedule)
         params_of = lambda state: state.params
-        advice = (f"lower the learning rate (e.g. --lr={cfg.lr / 3:.3g})"
-                  + ("" if cfg.clip_norm else " or clip the gradient (--clip_norm=1)"))
+        changes = {"lr": f"{cfg.lr / 3:.3g}", **({} if cfg.clip_norm else {"clip_norm": 1})}
+        advice = ("lower the learning rate" + ("" if cfg.clip_norm else
+                                                " and clip the gradient")
+                  + f" (these settings may change on resume): `{rerun_command(changes)}`")
     else:
         from vsml_jax.meta import evolution
         sharding.check_population_size(cfg.popsize, mesh)
@@ -372,7 +375,7 @@ def _build(cfg: MetaTrainConfig) -> _Built:
         step_fn = evolution.make_step_fn(learner, strategy, es_params, train_data, spec,
                                          mesh, member_batch)
         params_of = lambda state: evolution.mean_params(strategy, state)
-        advice = (f"lower the step size (e.g. --es_lr={cfg.es_lr / 3:.3g})"
+        advice = (f"lower the step size: `{rerun_command({'es_lr': f'{cfg.es_lr / 3:.3g}'})}`"
                   if cfg.meta_optimizer == "open_es" else
                   "the search diverged; start again in a new --workdir with a smaller "
                   f"--sigma_init (e.g. {cfg.sigma_init / 3:.3g})")

@@ -198,7 +198,7 @@ def run(workdir: str, init_fn: Callable[[], Any],
         max_to_keep: int = 3, mesh: Optional[jax.sharding.Mesh] = None,
         on_checkpoint: Optional[Callable[[Any, int], None]] = None,
         nan_advice: str = "lower the learning rate (or sigma) or enable gradient "
-                          "clipping") -> RunResult:
+                          "clipping, and run the same command again") -> RunResult:
     """Runs (or resumes) training in `workdir` up to `num_steps` steps.
 
     Every process of a multi-process job calls it with the same arguments:
@@ -228,7 +228,8 @@ def run(workdir: str, init_fn: Callable[[], Any],
       on_checkpoint: (state, step) -> None, called on every process after every
         save (e.g. to write the portable learner of that step: computations on
         the state must run on all processes; write files only on process 0).
-      nan_advice: what to change when the loss turns NaN/inf (in the error).
+      nan_advice: what to do when the loss turns NaN/inf (in the error), e.g.
+        the command to run, completing "To resume from it, ...".
     Returns:
       RunResult (the final state, its step, whether SIGTERM stopped the run).
     Raises:
@@ -373,10 +374,9 @@ def _format(values: Mapping[str, float]) -> str:
 
 def _last_good(last_saved: Optional[int], workdir: str, advice: str) -> str:
     if last_saved is None:
-        return (f"No checkpoint was written yet in {workdir}: {advice}, and run the "
-                "same command again (the settings named may change on resume).")
-    return (f"The last good checkpoint (step {last_saved}) is intact in {workdir}: "
-            f"{advice}, and run the same command again to resume from it. "
+        return f"No checkpoint was written yet in {workdir}. To start again, {advice}."
+    return (f"The last good checkpoint (step {last_saved}) is intact in {workdir}. To "
+            f"resume from it, {advice}. "
             f"`python -m experiments.evaluate --checkpoint={workdir}` meta-tests the "
             f"learner of step {last_saved}.")
 
