@@ -26,7 +26,8 @@ setup(
         "psutil>=5.9",         # workdir lock: is the holder's process still alive?
     ],
     extras_require={
-        "test": ["pytest>=8", "tensorboard>=2.15"],  # tensorboard reads events back
+        # tensorboard reads events back; pytest-xdist runs the suite on 2 cores.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.15"],
         "tfds": ["tensorflow-datasets>=4.9"],
         # Accelerator builds of jaxlib; see BUILD.md.
         "cuda": ["jax[cuda12]"],

@@ -133,8 +133,9 @@ def _user_errors() -> tuple:
     from vsml_jax.training.metrics import MetricsFileError
     from vsml_jax.training.workdir import WorkdirLockedError
     return (app.UsageError, SettingsError, ConfigMismatchError, WorkdirLockedError,
-            NotADirectoryError, MetricsFileError, DatasetNotFoundError, DatasetFormatError, DownloadError,
-            IDXError, LearnerFileError, FloatingPointError, CheckpointRestoreError)
+            NotADirectoryError, MetricsFileError, DatasetNotFoundError, DatasetFormatError,
+            DownloadError, IDXError, LearnerFileError, FloatingPointError,
+            CheckpointRestoreError)
 
 
 def run(main: Callable[[list], Any], *, cluster_flags: bool = True) -> None:

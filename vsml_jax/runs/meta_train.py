@@ -223,7 +223,9 @@ def load_init_checkpoint(cfg: MetaTrainConfig, input_size: int, num_classes: int
         return None
     from vsml_jax import pretrained
     try:
-        loaded = pretrained.load_learner(cfg.init_checkpoint, input_size=input_size)
+        # The layer sizes follow the data (VS-ML); other learners must fit it.
+        loaded = pretrained.load_learner(cfg.init_checkpoint, input_size=input_size,
+                                         num_classes=num_classes)
     except pretrained.LearnerFileError as e:
         raise ValueError(f"--init_checkpoint: {e}") from e
     if loaded.learner.name != cfg.learner:
@@ -242,10 +244,6 @@ def load_init_checkpoint(cfg: MetaTrainConfig, input_size: int, num_classes: int
         raise ValueError(
             "the architecture comes from --init_checkpoint, but these settings disagree "
             f"with it: {'; '.join(clashes)}. Drop them (or start from scratch).")
-    if vsml and stored.num_classes != num_classes:
-        stored = stored.replace(layer_sizes=stored.layer_sizes[:-1] + (num_classes,))
-        from vsml_jax.learners import vsml_learner
-        loaded = dataclasses.replace(loaded, learner=vsml_learner(stored))
     logging.info("Starting from the %s learner in %s.", loaded.learner.name,
                  cfg.init_checkpoint)
     return loaded
