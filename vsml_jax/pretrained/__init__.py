@@ -273,7 +273,8 @@ def _check_shapes(template: Any, params: Any, problem: str) -> None:
 
 
 def save_learner(directory: str, learner: Learner, params: Any,
-                 flags: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
+                 flags: Optional[Dict[str, Any]] = None,
+                 extra: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
     """Writes directory/params.msgpack + learner.json (what `load_learner` reads).
 
     Args:
@@ -281,6 +282,7 @@ def save_learner(directory: str, learner: Learner, params: Any,
       learner: a learner of a kind in LEARNER_TYPES (its config is stored).
       params: its meta variables.
       flags: how it was made (e.g. {"pool": 4}), stored under "flags".
+      extra: more JSON fields of learner.json (e.g. "meta_training", "input").
     Returns:
       The two paths.
     """
@@ -292,4 +294,5 @@ def save_learner(directory: str, learner: Learner, params: Any,
     config = {k: (list(v) if isinstance(v, tuple) else v)
               for k, v in dataclasses.asdict(learner.config).items()}
     return checkpointing.save_learner_dir(directory, params, config,
-                                          {"flags": dict(flags or {})}, learner=learner.name)
+                                          {"flags": dict(flags or {}), **(extra or {})},
+                                          learner=learner.name)

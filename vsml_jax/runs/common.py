@@ -1,9 +1,7 @@
 """What the run functions of `vsml_jax.runs` share: checks of settings, data
-loading with value checks, and the portable learner written by process 0."""
+loading, the command to re-run, and the portable learner written by process 0."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import shlex
 import sys
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -71,18 +69,15 @@ def check_choices(cfg: Any, choices: Mapping[str, Sequence]) -> None:
 def load_checked_dataset(spec: str, split: str, data_dir: Optional[str], pool: int,
                          download: bool, input_size: Optional[int] = None,
                          num_classes: Optional[int] = None):
-    """`vsml_jax.data.make_dataset`, then its values checked on the host.
+    """`vsml_jax.data.make_dataset`, refusing a class count other than `num_classes`.
 
-    Raises ValueError naming the first non-finite image or bad label, or a
-    class count other than `num_classes` (when given).
+    The loaders themselves refuse non-finite pixels and labels outside
+    0..C-1, naming the first bad example (`vsml_jax.data`).
     """
-    from vsml_jax import checks, data as vdata
-    from vsml_jax.runtime import to_host
+    from vsml_jax import data as vdata
     kwargs = {} if input_size is None else {"input_size": input_size}
     ds = vdata.make_dataset(spec, split, data_dir=data_dir, pool=pool, download=download,
                             **kwargs)
-    images, labels = to_host((ds.images, ds.labels))
-    checks.check_dataset_values(images, labels, ds.num_classes, f"{spec} ({split} split)")
     if num_classes is not None and ds.num_classes != num_classes:
         raise ValueError(f"data set {spec} has {ds.num_classes} classes but the learner "
                          f"predicts {num_classes}; meta-test it with experiments.evaluate "
@@ -114,23 +109,12 @@ def recent_evals(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     return evals
 
 
-def learner_config_dict(learner) -> Dict[str, Any]:
-    """The learner's static config as JSON (the "config" of learner.json)."""
-    cfg = learner.config
-    if dataclasses.is_dataclass(cfg):
-        return json.loads(json.dumps(
-            {k: (list(v) if isinstance(v, tuple) else v)
-             for k, v in dataclasses.asdict(cfg).items()}, default=str))
-    return json.loads(json.dumps(cfg, default=str)) if cfg is not None else {}
-
-
 def write_portable(workdir: str, learner, params, run_config: Dict[str, Any],
                    extra: Dict[str, Any]) -> None:
     """workdir/params.msgpack + learner.json (atomic; call on process 0 only).
 
     `params` may be global arrays (replicated): they are fetched to the host.
     """
+    from vsml_jax import pretrained
     from vsml_jax.runtime import to_host
-    from vsml_jax.training import checkpointing
-    checkpointing.save_learner_dir(workdir, to_host(params), learner_config_dict(learner),
-                                   {"flags": run_config, **extra}, learner=learner.name)
+    pretrained.save_learner(workdir, learner, to_host(params), run_config, extra)

@@ -346,7 +346,6 @@ def _build(cfg: MetaTrainConfig) -> _Built:
 
     if cfg.gradient_based:
         from vsml_jax.meta import gradient
-        sharding.check_divisible("--batch_size", cfg.batch_size, mesh)
         optimizer = gradient.make_optimizer(
             cfg.meta_optimizer, cfg.lr, cfg.clip_norm or None,
             decay_steps=cfg.lr_decay_steps, final_lr_fraction=cfg.lr_final_fraction)
@@ -361,7 +360,6 @@ def _build(cfg: MetaTrainConfig) -> _Built:
                   + f" (these settings may change on resume): `{rerun_command(changes)}`")
     else:
         from vsml_jax.meta import evolution
-        sharding.check_population_size(cfg.popsize, mesh)
         strategy, es_params = evolution.make_strategy(
             cfg.meta_optimizer, cfg.popsize, learner.init_params(jax.random.PRNGKey(0)),
             cfg.sigma_init, cfg.es_lr)
