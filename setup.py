@@ -32,5 +32,9 @@ setup(
         # Accelerator builds of jaxlib; see BUILD.md.
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
+        # Compilers for planning runs on machines without the hardware
+        # (experiments.plan; BUILD.md): libtpu / the CUDA plugin of this jax.
+        "tpu-aot": ["jax[tpu]==0.10.2"],
+        "gpu-aot": ["jax[cuda13]==0.10.2"],
     },
 )

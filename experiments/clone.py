@@ -25,7 +25,8 @@ D = CloneConfig()
 common.define_workdir_flag()
 common.define_cluster_flags()
 flags.DEFINE_enum("stage", "backprop", list(STAGES),
-                  "forward: clone y = tanh(x) w + b; backprop: also the updates and e'.")
+                  "forward: clone y = tanh(x) w + b; backprop: also the updates and e'; "
+                  "nearest_mean: the nearest class mean (see vsml_jax.cloning).")
 # The cell (V_M shapes) and the meta-test network it is saved for.
 flags.DEFINE_integer("hidden_size", 32, "H: LSTM cell size (table 1: 32).")
 flags.DEFINE_integer("msg_size", 4, "m: message size (slot 0 carries x, y, e, e').")
@@ -57,6 +58,13 @@ flags.DEFINE_float("fwd_weight", 1.0, "Weight of the forward-output loss.")
 flags.DEFINE_float("store_weight", 1.0, "Weight of the stored-w/b losses.")
 flags.DEFINE_float("bwd_weight", 1.0, "Weight of the e' loss.")
 flags.DEFINE_float("huber_delta", 1.0, "Smooth-L1 transition point (in those units).")
+flags.DEFINE_float("x_low", D.x_low, "nearest_mean: x ~ U(x_low, x_high), x_low also "
+                   "the background value (standardised pixels).")
+flags.DEFINE_float("x_high", D.x_high, "nearest_mean: upper end of the random x.")
+flags.DEFINE_float("label_prob_max", D.label_prob_max, "nearest_mean: a cell's class "
+                   "frequency ~ U(0, label_prob_max).")
+flags.DEFINE_float("logit_scale", D.logit_scale, "nearest_mean: logits = logit_scale * "
+                   "mean_a (x_a m_ab - m_ab^2 / 2) in the saved learner.")
 # Optimisation.
 flags.DEFINE_integer("batch_size", 256, "K: cells per step (table 1: 32,768).")
 flags.DEFINE_float("lr", 5e-3, "Adam learning rate (table 1: 5e-3).")

@@ -25,13 +25,24 @@ FLAGS = flags.FLAGS
 
 
 # ------------------------------------------------------------ flag groups
+# group title -> names of the flags it defined, for --help (in definition order).
+_GROUPS: Dict[str, list] = {}
+
+
+def _group(title: str, *names: str) -> None:
+    _GROUPS.setdefault(title, []).extend(names)
+
+
 def define_workdir_flag() -> None:
+    _group("Run folder", "workdir")
     flags.DEFINE_string("workdir", None, "Folder of the run (created; re-running the "
                         "same command with it resumes). Locked while the run is live.")
 
 
 def define_cluster_flags() -> None:
     """--coordinator_address, --num_processes, --process_id (multi-process jobs)."""
+    _group("Multi-process jobs (BUILD.md)", "coordinator_address", "num_processes",
+           "process_id", "distributed", "heartbeat_timeout")
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 in a "
                         "multi-process job (jax.distributed.initialize). Leave unset on "
                         "Cloud TPU pods and SLURM, where JAX detects the cluster.")
@@ -47,6 +58,7 @@ def define_cluster_flags() -> None:
 
 def define_data_flags(dataset_default: str = "mnist", multi: bool = False) -> None:
     """--dataset (or --datasets with multi=True), --data_dir and --download."""
+    _group("Data", "datasets" if multi else "dataset", "data_dir", "download")
     specs = "mnist, fashion_mnist, idx:DIR (the four IDX files), npz:FILE (x_train, " \
             "y_train, x_test, y_test) or tfds:NAME"
     if multi:
@@ -65,6 +77,7 @@ def define_data_flags(dataset_default: str = "mnist", multi: bool = False) -> No
 def define_schedule_flags(*, num_steps: int, checkpoint_every: int, log_every: int,
                           eval_every: int) -> None:
     """--num_steps, --checkpoint_every, --log_every, --eval_every, --seed."""
+    _group("Schedule", "num_steps", "checkpoint_every", "log_every", "eval_every", "seed")
     flags.DEFINE_integer("num_steps", num_steps, "Meta-training steps (generations for ES).")
     flags.DEFINE_integer("checkpoint_every", checkpoint_every, "Steps between checkpoints.")
     flags.DEFINE_integer("log_every", log_every, "Steps between progress logs.")
@@ -127,6 +140,7 @@ def _user_errors() -> tuple:
     from vsml_jax.data import (DatasetFormatError, DatasetNotFoundError, DownloadError,
                                 IDXError)
     from vsml_jax.pretrained import LearnerFileError
+    from vsml_jax.runtime import ClusterStartError
     from vsml_jax.runs.common import SettingsError
     from vsml_jax.training.loop import ConfigMismatchError
     from vsml_jax.training.checkpointing import CheckpointRestoreError
@@ -135,7 +149,7 @@ def _user_errors() -> tuple:
     return (app.UsageError, SettingsError, ConfigMismatchError, WorkdirLockedError,
             NotADirectoryError, MetricsFileError, DatasetNotFoundError, DatasetFormatError,
             DownloadError, IDXError, LearnerFileError, FloatingPointError,
-            CheckpointRestoreError)
+            CheckpointRestoreError, ClusterStartError)
 
 
 def run(main: Callable[[list], Any], *, cluster_flags: bool = True) -> None:
@@ -147,22 +161,80 @@ def run(main: Callable[[list], Any], *, cluster_flags: bool = True) -> None:
     stop) prints one line naming the problem and the fix, and exits 1.
     """
     prog = os.path.basename(sys.argv[0]) if sys.argv else "vsml_jax"
+    exit_if_help_asked(sys.argv[1:])
 
     def wrapped(argv):
         if len(argv) > 1:
             _fail(prog, f"unexpected arguments {argv[1:]} (flags are --name=value).")
         from vsml_jax import runtime
+        from vsml_jax.runs.common import describe_os_error, expand_path_flags
+        try:
+            expand_path_flags(FLAGS)  # ~ and $VARS, as a shell would
+        except ValueError as e:
+            _fail(prog, str(e))
         try:
             runtime.start(cluster_from_flags() if cluster_flags else None)
             return main(argv)
         except _user_errors() as e:
             # OSError's str() wraps the message in "[Errno N] ...: 'path'".
             _fail(prog, e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+        except OSError as e:  # read-only folder, full disk, file-size limit, ...
+            message = describe_os_error(e)
+            if message is None:
+                raise
+            _fail(prog, message)
 
     app.run(wrapped)
 
 
+# --help / --helpshort: this entry point's flags, then the shared groups it
+# defined here; absl's own short help lists only the entry point's module and
+# exits 1. --helpfull (every flag of every library) is left to absl.
+_SHORT_HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h")
+_FULL_HELP = ("--helpfull", "-helpfull", "--helpxml", "-helpxml")
+
+
+def short_help(main_module: Optional[str] = None) -> str:
+    """The entry point's docstring, its own flags, then the shared flags."""
+    main = sys.modules.get("__main__")
+    own = main_module or (sys.argv[0] if sys.argv else "")
+    doc = (getattr(main, "__doc__", None) or "").strip()
+    # The shared groups (run folder, data, schedule: what most runs set) first.
+    groups = [f"{title}:\n" + "\n".join(_flag_help(n) for n in names if n in FLAGS)
+              for title, names in _GROUPS.items()]
+    body = FLAGS.module_help(own).strip().split("\n", 1)
+    if len(body) == 2:  # drop absl's "module:" header line
+        groups.append(f"Flags of this entry point:\n{body[1]}")
+    groups.append("--flagfile=FILE reads flags from FILE; --helpfull lists every flag,\n"
+                  "including those of the libraries.")
+    return "\n\n".join(([doc] if doc else []) + groups) + "\n"
+
+
+def _flag_help(name: str) -> str:
+    flag = FLAGS[name]
+    prefix = "--[no]" if flag.boolean else "--"
+    text = f"{prefix}{name}: {flag.help}"
+    if flag.default is not None:
+        text += f"\n(default: {flag.default_as_str})"
+    return flags.text_wrap(text, indent="    ", firstline_indent="  ")
+
+
+def exit_if_help_asked(args: list) -> None:
+    """Prints the help asked for in `args` (command-line arguments) and exits 0."""
+    names = [a.split("=", 1)[0] for a in args]
+    if any(n in _SHORT_HELP for n in names):
+        sys.stdout.write(short_help())
+        sys.exit(0)
+    if any(n in _FULL_HELP for n in names):
+        try:  # absl prints everything, then exits 1 before main
+            app.run(lambda argv: None, argv=[sys.argv[0]] + [a for a in args
+                                                          if a.split("=", 1)[0] in _FULL_HELP])
+        except SystemExit:
+            pass
+        sys.exit(0)
+
+
 def _fail(prog: str, message: str) -> None:
-    sys.stderr.write(f"{prog}: error: {message}\n(--helpshort lists the flags.)\n")
+    sys.stderr.write(f"{prog}: error: {message}\n(--help lists the flags.)\n")
     sys.stderr.flush()
     sys.exit(1)

@@ -12,8 +12,10 @@ on the SAME stream:
 
   * the --checkpoint learner (default `pretrained:mnist`, the VS-ML layer
     meta-trained on MNIST train and shipped with the package);
-  * online Adam (lr --adam_lr, 1e-3 as in the README's table) training a
-    linear classifier one example per step;
+  * online Adam training a linear classifier one example per step, its
+    learning rate chosen like `experiments.evaluate` does: the best of
+    --adam_lrs by online accuracy on streams of the *train* split with other
+    seeds (`evaluation.sweep_learning_rate`; --adam_lr fixes it instead);
   * the same learner with untrained (randomly initialised) meta variables,
     which does not learn: what meta-learning adds.
 
@@ -22,6 +24,7 @@ The stream for --seed S is the one `experiments.evaluate` uses for seed S
 seed's initial state (`evaluation.init_key`). Compilation time and run speed
 are printed at the end.
 """
+import json
 import time
 
 import jax
@@ -50,7 +53,20 @@ flags.DEFINE_integer("seed", 0, "Seed of the stream and of every learner's initi
                      lower_bound=0)
 flags.DEFINE_list("compare", ["adam", "untrained"], "Columns next to the learner: adam "
                   "(online Adam), untrained (the learner with random meta variables).")
-flags.DEFINE_float("adam_lr", 1e-3, "Learning rate of online Adam.")
+flags.DEFINE_float("adam_lr", None, "Learning rate of online Adam (default: the best "
+                   "of --adam_lrs on train-split streams).")
+flags.DEFINE_list("adam_lrs", ["1e-3", "3e-3", "1e-2", "3e-2"], "Learning rates "
+                  "swept for online Adam when --adam_lr is not given.")
+flags.DEFINE_integer("sweep_seeds", 2, "Train-split streams per learning rate in the "
+                     "sweep (seeds 1,000,000 on, as experiments.evaluate).", lower_bound=1)
+
+flags.DEFINE_string("summary_json", None, "Also write the table, the learning rate and "
+                    "the timings to this JSON file (docs/figures/demo_mnist.json is the "
+                    "one README.md quotes).")
+
+# The sweep's streams: experiments.evaluate's default sweep seeds, never a
+# reported seed.
+SWEEP_SEED_OFFSET = 1_000_000
 
 COMPARE = ("adam", "untrained")
 DISPLAY_NAMES = {"vsml": "VS-ML", "meta_rnn": "Meta RNN", "hebbian": "Hebbian rule"}
@@ -61,6 +77,36 @@ def load(spec, input_size=None):
         return load_learner(spec, input_size=input_size)
     except LearnerFileError as e:
         raise app.UsageError(str(e)) from e
+
+
+def _adam(input_dim: int, num_classes: int):
+    return lambda lr: online_gd.online_gd_learner(input_dim, num_classes, optimizer="adam",
+                                                  learning_rate=lr)
+
+
+def adam_learning_rate(input_dim: int, num_classes: int, pool: int, length: int) -> float:
+    """--adam_lr, or the best of --adam_lrs on train-split streams (printed)."""
+    if FLAGS.adam_lr is not None:
+        print(f"Online Adam: lr {FLAGS.adam_lr:g} (--adam_lr).")
+        return FLAGS.adam_lr
+    try:
+        lrs = [float(v) for v in FLAGS.adam_lrs if v != ""]
+    except ValueError:
+        raise app.UsageError(f"--adam_lrs={','.join(FLAGS.adam_lrs)}: give numbers, "
+                             "e.g. 1e-3,1e-2.") from None
+    if not lrs:
+        raise app.UsageError("--adam_lrs is empty; give rates to sweep or --adam_lr.")
+    t0 = time.perf_counter()
+    train = make_dataset(FLAGS.dataset, "train", data_dir=FLAGS.data_dir, pool=pool,
+                         download=FLAGS.download)
+    seeds = list(range(SWEEP_SEED_OFFSET, SWEEP_SEED_OFFSET + FLAGS.sweep_seeds))
+    best, table = evaluation.sweep_learning_rate(
+        _adam(input_dim, num_classes), lrs, evaluation.make_streams(train, seeds, length),
+        seeds)
+    scores = ", ".join(f"{r['lr']:g}: {r['score']:.3f}" for r in table)
+    print(f"Online Adam: lr {best:g}, the best of a sweep on {len(seeds)} train-split "
+          f"streams ({scores}; {time.perf_counter() - t0:.1f} s).")
+    return best
 
 
 def main(argv):
@@ -104,11 +150,10 @@ def main(argv):
     methods = [(FLAGS.checkpoint, learner, loaded.params, learner.init_state(key))]
     for kind in FLAGS.compare:
         if kind == "adam":
+            lr = adam_learning_rate(data.input_dim, data.num_classes, pool, N)
             adam = online_gd.online_gd_learner(data.input_dim, data.num_classes,
-                                               optimizer="adam",
-                                               learning_rate=FLAGS.adam_lr)
-            methods.append((f"online Adam (lr {FLAGS.adam_lr:g})", adam, None,
-                            adam.init_state(key)))
+                                               optimizer="adam", learning_rate=lr)
+            methods.append((f"online Adam (lr {lr:g})", adam, None, adam.init_state(key)))
         else:
             params = learner.init_params(jax.random.fold_in(jax.random.key(seed), 2))
             name = DISPLAY_NAMES.get(learner.name, learner.name)
@@ -152,6 +197,18 @@ def main(argv):
         print(f"{title}: {N} examples in {t:.2f} s ({N / t:,.0f} examples/s)")
     print(f"Total: compile {t_compile:.1f} s + run {sum(run_time):.1f} s on "
           f"{jax.devices()[0].platform}.")
+    if FLAGS.summary_json:
+        stops = list(range(every, N, every)) + [N]
+        summary = dict(
+            checkpoint=FLAGS.checkpoint, dataset=FLAGS.dataset, split=FLAGS.split,
+            seed=seed, episode_length=N, columns=[t for t, *_ in methods],
+            cumulative_accuracy={str(stop): [round(float(np.mean(np.concatenate(c)[:stop])), 3)
+                                             for c in correct] for stop in stops},
+            run_s={t: round(r, 3) for (t, *_), r in zip(methods, run_time)},
+            compile_s=round(t_compile, 3), platform=jax.devices()[0].platform)
+        with open(FLAGS.summary_json, "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"wrote {FLAGS.summary_json}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ comparison of fig. 5 with the paper's batch averaging:
 
 A thin flag parser over `vsml_jax.runs.evaluate.meta_test` (see there for the
 streams, the learning-rate sweeps and held-out tests, and what is written:
-DIR/summary.json, DIR/curves.npz, DIR/fig6.png, DIR/window_accuracy.png and,
-with --test_every, DIR/test_accuracy.png), which also prints a table.
+DIR/summary.json, DIR/curves.npz and figures named after the learner and the
+data sets, e.g. DIR/pretrained_mnist_on_mnist_fashion_mnist.png, ..._window_accuracy.png
+and, with --test_every, ..._test_accuracy.png), which also prints a table.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ flags.DEFINE_string("checkpoint", D.checkpoint, "Learner to meta-test: a meta_tr
                     "workdir (params.msgpack + learner.json) or pretrained:NAME. Optional "
                     "if only --baselines are evaluated.")
 flags.DEFINE_string("label", D.label, "Name of the --checkpoint learner in tables and "
-                    "plots (default: its kind, e.g. vsml).")
+                    "plots (default: its name, pretrained:NAME or the workdir's folder name).")
 common.define_data_flags(",".join(D.datasets), multi=True)
 flags.DEFINE_list("baselines", list(D.baselines), "Also evaluate: adam, sgd (online "
                   "backprop, lr swept), tanh_sgd (y = tanh(x) W + b with SGD), "
@@ -82,7 +83,10 @@ flags.DEFINE_list("checkpoints", [str(n) for n in D.checkpoints],
 flags.DEFINE_integer("window", D.window, "Steps in the final-window accuracy.")
 flags.DEFINE_integer("chunk_size", D.chunk_size, "Run streams in pieces of this many steps "
                      "and print progress after each.")
-flags.DEFINE_string("out_dir", None, "Where summary.json and the figures go.")
+flags.DEFINE_boolean("with_replacement", D.with_replacement, "Allow streams longer "
+                     "than their split (examples then repeat; stated in summary.json).")
+flags.DEFINE_string("out_dir", None, "Where summary.json and the figures go (locked "
+                    "while written; must not hold a summary.json yet).")
 flags.mark_flag_as_required("out_dir")
 
 

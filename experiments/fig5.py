@@ -31,13 +31,17 @@ each data set's number of classes (V_M does not depend on it).
 Writes out_dir/fig5.json (flags, learning rates, summary, curves per seed, and
 under "data" the folder / file each data set was read from) and
 out_dir/fig5.png (mean and std over seeds of the test accuracy vs steps, one
-panel per dataset).
+panel per dataset). Progress lines give an ETA for the whole figure; at the
+end a short table per data set (final test accuracy, mean +- std over seeds)
+and where the files went are printed.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+import re
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from absl import app, flags, logging
@@ -148,7 +152,60 @@ def load_data_split(ds: str, split: str):
                               download=FLAGS.download, input_size=FLAGS.input_size or None)
 
 
-def run_dataset(ds: str, train, test, methods: Dict[str, Any], seeds, K: int):
+class Progress:
+    """The ETA of the whole figure, for the progress lines.
+
+    The figure is a sequence of runs, one per (data set, method), of `steps`
+    steps each. A method's seconds per step are measured on its first data set
+    and reused for the later ones (all data sets share the input size); a
+    method not run yet is assumed to cost the current rate scaled by its state
+    size (the cloned cells dominate, SGD's weights cost next to nothing).
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.rate: Dict[int, float] = {}   # method index -> measured s per step
+        self.size: Dict[int, int] = {}     # method index -> state size (cost prior)
+        self.pending: List[Tuple[str, int]] = []  # (data set, method index) to run
+        self.current: Optional[Tuple[str, int]] = None
+        self.t0 = 0.0
+
+    def plan(self, datasets, sizes: List[int]) -> None:
+        self.size = dict(enumerate(sizes))
+        self.pending = [(ds, i) for ds in datasets for i in range(len(sizes))]
+
+    def start(self, ds: str, index: int) -> None:
+        self.current, self.t0 = (ds, index), time.perf_counter()
+
+    def finish(self) -> None:
+        self.rate[self.current[1]] = (time.perf_counter() - self.t0) / self.steps
+        self.pending.remove(self.current)
+
+    def eta_s(self, done: int) -> float:
+        """Seconds left after `done` steps of the current run."""
+        i = self.current[1]
+        rate = ((time.perf_counter() - self.t0) / done if done
+                else self.rate.get(i, 0.0))
+        left = (self.steps - done) * rate
+        for key in self.pending:
+            if key != self.current:
+                j = key[1]
+                left += self.steps * self.rate.get(
+                    j, rate * self.size.get(j, 1) / max(self.size.get(i, 1), 1))
+        return left
+
+
+def _eta(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"ETA {s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+# evaluation.evaluate_method's progress lines start "NAME: DONE/TOTAL steps".
+_DONE = re.compile(r": (\d+)/\d+ steps")
+
+
+def run_dataset(ds: str, train, test, methods: Dict[str, Any], seeds, K: int,
+                progress: Progress):
     """{method: MethodResult with the held-out curve} on one dataset (its
     train and test splits as Datasets)."""
     try:
@@ -157,15 +214,39 @@ def run_dataset(ds: str, train, test, methods: Dict[str, Any], seeds, K: int):
         raise app.UsageError(f"{ds} test: {e}") from e
     streams = evaluation.make_streams(train, seeds, FLAGS.steps, stream_batch=K)
     results = {}
-    for name, (learner, params) in methods.items():
+
+    def log(msg: str, name: str) -> None:
+        done = _DONE.search(msg)
+        eta = f" | {_eta(progress.eta_s(int(done.group(1))))}" if done else ""
+        logging.info("%s %s: %s%s", ds, name, msg, eta)
+
+    for index, (name, (learner, params)) in enumerate(methods.items()):
+        progress.start(ds, index)
         results[name] = evaluation.evaluate_method(
             learner, params, streams, seeds, stream_batch=K, checkpoints=(),
             window=FLAGS.eval_every, held_out=held_out, held_out_every=FLAGS.eval_every,
-            log=lambda msg, name=name: logging.info("%s %s: %s", ds, name, msg))
+            log=lambda msg, name=name: log(msg, name))
+        progress.finish()
         final = results[name].summary["test_acc_final"]
         logging.info("%s %s: final test acc %.4f +- %.4f over %d seeds", ds, name,
                      final["mean"], final["std"], len(seeds))
     return results
+
+
+def format_summary(summary: Dict[str, Dict[str, Dict[str, Any]]], seeds: int) -> str:
+    """The table printed at the end: per data set and method, the final test
+    accuracy (mean +- std over seeds) and the online accuracy over the last
+    eval_every steps."""
+    w = max(len(m) for per in summary.values() for m in per) + 2
+    lines = []
+    for ds, per in summary.items():
+        lines.append(f"== {ds}: test accuracy on {FLAGS.test_examples} test images after "
+                     f"{FLAGS.steps} steps, mean +- std over {seeds} seeds")
+        lines.append(f"{'method':<{w}}{'test accuracy':>17}  online, last {FLAGS.eval_every}")
+        for m, r in per.items():
+            lines.append(f"{m:<{w}}{r['final_test_acc_mean']:>9.3f} +- "
+                         f"{r['final_test_acc_std']:.3f}  {r['online_acc_last_chunk_mean']:>9.3f}")
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -180,6 +261,7 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(f"--pool / --input_size / --datasets: {e}") from e
     seeds, K = list(range(FLAGS.seeds)), FLAGS.stream_batch
+    t_start, progress = time.perf_counter(), Progress(FLAGS.steps)
     summary, curves, meta, panels, data_info = {}, {}, {}, {}, {}
     by_classes: Dict[int, Any] = {}  # one set of learners per class count
     for ds in FLAGS.datasets:
@@ -191,9 +273,13 @@ def main(argv):
         if train.num_classes not in by_classes:
             by_classes[train.num_classes] = load_methods(side * side, train.num_classes)
         methods, method_info = by_classes[train.num_classes]
+        if not progress.size:  # the first data set: every run of the figure is known
+            progress.plan(FLAGS.datasets, [
+                evaluation.count_variables(lrn, p)["state_size"]
+                for lrn, p in methods.values()])
         data_info[ds] = {"train": evaluation.describe_dataset(train),
                          "test": evaluation.describe_dataset(test)}
-        results = run_dataset(ds, train, test, methods, seeds, K)
+        results = run_dataset(ds, train, test, methods, seeds, K, progress)
         meta[ds] = method_info
         summary[ds] = {m: {"final_test_acc_mean": r.summary["test_acc_final"]["mean"],
                            "final_test_acc_std": r.summary["test_acc_final"]["std"],
@@ -209,7 +295,9 @@ def main(argv):
                       for m, r in results.items()}
         panels[PANEL_TITLES.get(ds, ds)] = {m: (r.test_steps, r.test_acc)
                                             for m, r in results.items()}
-    with open(os.path.join(FLAGS.out_dir, "fig5.json"), "w") as f:
+    json_path, png_path = (os.path.join(FLAGS.out_dir, "fig5.json"),
+                           os.path.join(FLAGS.out_dir, "fig5.png"))
+    with open(json_path, "w") as f:
         json.dump({"flags": {k: FLAGS[k].value for k in (
             "checkpoint", "improved_checkpoint", "datasets", "pool", "steps", "eval_every",
             "test_examples", "seeds", "stream_batch", "sgd_lr", "error_scale",
@@ -219,10 +307,12 @@ def main(argv):
     xlabel = ("training steps (one image each)" if not K else
               f"training steps ({K} images each, states averaged)")
     plotting.plot_held_out_curves(
-        panels, os.path.join(FLAGS.out_dir, "fig5.png"), xlabel=xlabel,
+        panels, png_path, xlabel=xlabel,
         ylabel=f"test accuracy ({FLAGS.test_examples} test images)",
         title=f"{len(seeds)} seeds (mean +- std), {side}x{side} inputs")
-    print(json.dumps(summary, indent=1))
+    print(format_summary(summary, len(seeds)))
+    print(f"wrote {json_path} (curves per seed), {png_path} in "
+          f"{time.perf_counter() - t_start:.1f} s")
 
 
 if __name__ == "__main__":

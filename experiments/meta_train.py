@@ -70,6 +70,13 @@ flags.DEFINE_boolean("permute_labels", D.permute_labels, "Random label permutati
                      "episode.")
 flags.DEFINE_boolean("random_projection", D.random_projection, "Random input projection "
                      "per episode.")
+flags.DEFINE_integer("min_classes", D.min_classes, "0: every episode shows all classes; "
+                     "2..C: k ~ U{min_classes..C} random classes per episode.")
+flags.DEFINE_float("pixel_permute_prob", D.pixel_permute_prob, "Probability that an "
+                   "episode's inputs are shuffled by a random permutation.")
+flags.DEFINE_integer("min_length", D.min_length, "0: every episode has --episode_length "
+                     "steps; 1..T: mixed lengths L ~ U{min_length..T} (the meta-loss "
+                     "is its expectation: early steps weigh more). BPTT only.")
 # Meta-optimisation
 flags.DEFINE_string("meta_optimizer", D.meta_optimizer, "adam | sgd (BPTT) or an "
                     "evolution strategy: cma_es | open_es | snes | sep_cma_es | pgpe | ...")
@@ -85,6 +92,11 @@ flags.DEFINE_float("sigma_init", D.sigma_init, "Initial std of evolution strateg
 flags.DEFINE_float("es_lr", D.es_lr, "Adam learning rate of open_es.")
 flags.DEFINE_string("member_batch", D.member_batch, "ES members evaluated at once on each "
                     "device: auto (1 on CPU, all on GPU/TPU), all (vmap), or a number.")
+flags.DEFINE_integer("micro_batch", D.micro_batch, "BPTT gradient accumulation: run "
+                     "the batch in groups of this many episodes (over all devices; "
+                     "divides --batch_size, a multiple of the devices) and sum their "
+                     "gradients inside the step. Less memory, the same gradient "
+                     "(0: the whole batch at once; may change on resume).")
 flags.DEFINE_boolean("remat", D.remat, "Rematerialise each step in BPTT (VS-ML).")
 flags.DEFINE_list("remat_chunk", ["0"], "Chunked remat: k stores carries every k steps; "
                   "k1,k2 nests chunks (product divides T; 0: off).")
@@ -93,6 +105,14 @@ flags.DEFINE_string("init_checkpoint", None, "Start from this portable learner (
                     "the checkpoint's architecture.")
 common.define_schedule_flags(num_steps=D.num_steps, checkpoint_every=D.checkpoint_every,
                              log_every=D.log_every, eval_every=D.eval_every)
+flags.DEFINE_integer("max_to_keep", D.max_to_keep, "Newest checkpoints kept (the first "
+                     "one is kept too).")
+flags.DEFINE_integer("restore_step", None, "Resume from this kept checkpoint (0: start "
+                     "again from scratch); newer ones are moved to "
+                     "WORKDIR/checkpoints_rolled_back/, never deleted.")
+flags.DEFINE_boolean("allow_data_change", False, "Resume even though the training data "
+                     "differ from those the checkpoint was trained on (recorded in "
+                     "config.json).")
 flags.DEFINE_list("eval_datasets", list(D.eval_datasets), "Meta-test data sets (test split).")
 flags.DEFINE_integer("eval_length", D.eval_length, "Examples per meta-test episode.")
 flags.DEFINE_integer("eval_episodes", D.eval_episodes, "Meta-test episodes per data set.")
@@ -113,7 +133,8 @@ def main(argv):
                                     "use integers, e.g. 10 or 10,10 (0: off).") from None
     cfg = common.config_from_flags(MetaTrainConfig, unset_is_none=ARCH_DEFAULTS,
                                    convert={"remat_chunk": lambda _: remat_chunk})
-    outcome = train_and_evaluate(cfg, FLAGS.workdir)
+    outcome = train_and_evaluate(cfg, FLAGS.workdir, restore_step=FLAGS.restore_step,
+                                 allow_data_change=FLAGS.allow_data_change)
     if outcome.preempted:
         logging.warning("Stopped by SIGTERM at step %d; the same command resumes.",
                         outcome.step)

@@ -257,3 +257,72 @@ def test_stacked_clone_backpropagates_into_the_first_layer():
     assert cosine(w1_new - w1, exact1) < 0.8
     (w1, _), (w1_new, _), *_ = _stacked_step("predict_then_backprop", False)
     assert float(jnp.linalg.norm(w1_new - w1)) > 10 * float(jnp.linalg.norm(exact1))
+
+
+# ------------------------------------------------------ nearest class mean
+def test_nearest_mean_targets_equal_a_numpy_nearest_mean():
+    """Summed over inputs, the per-cell rule is the nearest-class-mean score."""
+    rng = np.random.default_rng(0)
+    D, C, T = 6, 4, 60
+    xs = rng.normal(size=(T, D)).astype(np.float32)
+    ys = rng.integers(0, C, size=T)
+    ys[:3] = 0  # class 3 first appears later: unseen classes score 0 (mean 0)
+    m = jnp.zeros((D, C))
+    q = jnp.zeros((D, C))
+    for t in range(T):
+        onehot = np.eye(C, dtype=np.float32)[ys[t]]
+        out, m, q = cloning.nearest_mean_targets(xs[t][:, None], m, q, onehot[None, :])
+        score = np.asarray(out).sum(0)
+        seen = [c for c in range(C) if np.any(ys[:t] == c)]
+        want = np.zeros(C, np.float32)
+        for c in seen:
+            mu = xs[:t][ys[:t] == c].mean(0)
+            want[c] = -0.5 * np.sum((xs[t] - mu) ** 2) + 0.5 * np.sum(xs[t] ** 2)
+        np.testing.assert_allclose(score, want, rtol=1e-4, atol=1e-4)
+        if len(seen) == C:
+            d2 = [np.sum((xs[t] - xs[:t][ys[:t] == c].mean(0)) ** 2) for c in range(C)]
+            assert int(np.argmax(score)) == int(np.argmin(d2))
+    counts = np.bincount(ys, minlength=C)
+    np.testing.assert_allclose(np.asarray(q)[0], counts / (counts + 1.0), rtol=1e-5)
+    for c in range(C):
+        np.testing.assert_allclose(np.asarray(m)[:, c], xs[ys == c].mean(0), rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_nearest_mean_cells_match_the_network_step():
+    """cell_forward + cell_pass with the label are what a feed_label network runs."""
+    cfg = cloning.nearest_mean_config((1, 1), hidden_size=8, msg_size=2, target_scale=2.0,
+                                      logit_scale=1.0)
+    cloning.check_clone_config(cfg)
+    spec = cloning.CloneSpec(target_scale=2.0)
+    params = vsml_jax.init_params(jax.random.PRNGKey(3), cfg)
+    # One class: softmax - one-hot = 0 is the error the network sends.
+    x, e, y = jnp.array([1.3]), jnp.array([0.0]), jnp.array([1.0])
+    s0 = cloning.nm_zero_state(cfg, 1)
+    s1, out = cloning.cell_forward(params, spec, s0, x)
+    s2, _, _ = cloning.cell_pass(params, s1, x, e, y)
+    state = vsml_jax.init_state(jax.random.PRNGKey(0), cfg)
+    state, step_out = vsml_jax.network.step(params, state, x, jnp.ones((1,)))
+    # logits = readout_scale * mean = logit_scale * target_scale * out / target_scale
+    np.testing.assert_allclose(step_out.logits, out, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(state.layers[0].c[0, 0], s2.c[0], rtol=1e-4, atol=1e-6)
+
+
+def test_nearest_mean_chains_track_the_exact_rule():
+    cfg = cloning.nearest_mean_config((3, 2), hidden_size=8)
+    spec = cloning.CloneSpec(target_scale=4.0, steps=5, store_unit=0.01)
+    params = vsml_jax.init_params(jax.random.PRNGKey(0), cfg)
+    chains = cloning.init_chains(jax.random.PRNGKey(0), cfg, spec, 16, stage="nearest_mean")
+    start, batch, advanced, reset = jax.jit(
+        lambda c: cloning.chain_batch(jax.random.PRNGKey(1), cfg, spec, c, 0.0, 1e9,
+                                      "nearest_mean"))(chains)
+    assert not bool(jnp.any(reset))
+    m, q = batch.w0, batch.b0
+    for t in range(spec.steps):
+        _, m, q = cloning.nearest_mean_targets(batch.x[t], m, q, batch.y[t])
+    np.testing.assert_allclose(advanced.w, m, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(advanced.b, q, rtol=1e-5, atol=1e-6)
+    loss, (metrics, final) = cloning.clone_loss(params, spec, batch, "nearest_mean",
+                                                start=start)
+    assert np.isfinite(float(loss)) and final.c.shape == (16, 8)
+    assert set(metrics) >= {"out_mae", "m_mae", "q_mae", "keep_mae"}

@@ -369,8 +369,8 @@ def test_evaluate_pretrained_mnist_on_a_5_class_npz(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out_dir / "summary.json").read_text())
     res = summary["results"][spec]
-    assert set(res) == {"vsml", "nearest_mean"}
-    assert res["vsml"]["config"]["layer_sizes"] == [49, 5]
+    assert set(res) == {"pretrained:mnist", "nearest_mean"}
+    assert res["pretrained:mnist"]["config"]["layer_sizes"] == [49, 5]
     assert res["nearest_mean"]["config"]["num_classes"] == 5
     for r in res.values():
         acc = r["metrics"]["cum_acc@50"]["per_seed"]
@@ -380,7 +380,7 @@ def test_evaluate_pretrained_mnist_on_a_5_class_npz(tmp_path):
     assert data["stream"]["source"] == path and data["stream"]["num_examples"] == 80
     assert summary["settings"]["download"] is True  # accepted, nothing to download
     curves = np.load(out_dir / "curves.npz")
-    assert curves[f"{spec}/vsml/cum_acc"].shape == (2, 50)
+    assert curves[f"{spec}/pretrained:mnist/cum_acc"].shape == (2, 50)
 
 
 def test_evaluate_download_flag_downloads_into_data_dir(tmp_path):

@@ -43,7 +43,13 @@ def test_demo_shipped_learner_learns(data_dir):
     check_ok(proc)
     out = proc.stdout
     titles, rows = table(out)
-    assert titles == ["pretrained:mnist", "online Adam (lr 0.001)", "untrained VS-ML"], out
+    # Adam's rate is swept on train-split streams (never the reported stream).
+    sweep = re.search(r"Online Adam: lr ([\d.e-]+), the best of a sweep on 2 train-split "
+                      r"streams \((.*); [\d.]+ s\)\.", out)
+    assert sweep, out
+    assert len(sweep.group(2).split(", ")) == 4, out
+    assert titles == ["pretrained:mnist", f"online Adam (lr {sweep.group(1)})",
+                      "untrained VS-ML"], out
     assert sorted(rows) == [100, 200, 300], out
     assert all(len(r) == 3 and all(0 <= a <= 1 for a in r) for r in rows.values()), out
     learned, adam, untrained = rows[300]
@@ -58,9 +64,10 @@ def test_demo_shipped_learner_learns(data_dir):
 
 def test_demo_other_dataset_uneven_chunks(data_dir):
     proc = run_demo(data_dir, "--dataset=fashion_mnist", "--episode_length=150",
-                    "--compare=adam")
+                    "--compare=adam", "--adam_lr=1e-3")
     check_ok(proc)
     titles, rows = table(proc.stdout)
+    assert "Online Adam: lr 0.001 (--adam_lr)." in proc.stdout, proc.stdout
     assert titles == ["pretrained:mnist", "online Adam (lr 0.001)"], proc.stdout
     assert sorted(rows) == [100, 150], proc.stdout
     assert rows[150][0] > 0.35, proc.stdout  # measured 0.540 (never meta-trained on it)

@@ -191,11 +191,12 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
     curves = np.load(out_dir / "curves.npz")
     for dataset in ("mnist", "fashion_mnist"):
         res = summary["results"][dataset]
-        assert set(res) == {"vsml", "vsml_2", "wide", "adam", "nearest_mean",
+        # The checkpoint is named by its folder, a KIND:PATH baseline by its kind.
+        assert set(res) == {"ckpt", "vsml", "wide", "adam", "nearest_mean",
                             "nearest_neighbour"}
-        assert res["wide"]["metrics"] == res["vsml_2"]["metrics"]  # same learner
-        assert res["vsml"]["config"]["hidden_size"] == 4
-        assert res["vsml_2"]["config"]["hidden_size"] == 8
+        assert res["wide"]["metrics"] == res["vsml"]["metrics"]  # same learner
+        assert res["ckpt"]["config"]["hidden_size"] == 4
+        assert res["vsml"]["config"]["hidden_size"] == 8
         for method, r in res.items():
             assert set(r["metrics"]) == {"cum_acc@50", "final_window_acc", "mean_loss"}
             for v in r["metrics"].values():
@@ -206,13 +207,16 @@ def test_evaluate_entry_point_end_to_end(tmp_path, data_dir):
             assert r["metrics"]["cum_acc@50"]["mean"] == pytest.approx(cum[:, -1].mean(),
                                                                       abs=1e-6)
             assert r["counts"]["learned_variables"] > 0
-        assert res["vsml"]["counts"]["meta_variables"] == vsml_jax.count_meta_variables(cfg)
-        assert res["vsml"]["config"]["layer_sizes"] == [49, 10]
+        assert res["ckpt"]["counts"]["meta_variables"] == vsml_jax.count_meta_variables(cfg)
+        assert res["ckpt"]["config"]["layer_sizes"] == [49, 10]
         assert res["adam"]["lr"] in (1e-3, 1e-2)
         assert [row["lr"] for row in res["adam"]["lr_sweep"]] == [1e-3, 1e-2]
         # 1-NN holds the whole stream: 50 examples of 49 pooled pixels.
         assert res["nearest_neighbour"]["counts"]["state_size"] >= 50 * 49
-    for png in ("fig6.png", "window_accuracy.png"):
+    # Figures are named after the learner and the data sets.
+    assert summary["files"]["figure"] == "ckpt_on_mnist_fashion_mnist.png"
+    assert summary["files"]["window_figure"] == "ckpt_on_mnist_fashion_mnist_window_accuracy.png"
+    for png in (summary["files"]["figure"], summary["files"]["window_figure"]):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -343,7 +347,7 @@ def test_evaluate_entry_point_held_out(tmp_path, data_dir):
     assert summary["settings"]["held_out"] == {"every": 15, "examples": 40, "split": "test"}
     curves = np.load(out_dir / "curves.npz")
     res = summary["results"]["mnist"]
-    assert set(res) == {"vsml", "tanh_sgd"}
+    assert set(res) == {"clone", "tanh_sgd"}
     assert res["tanh_sgd"]["lr"] == pytest.approx(0.02 * 0.5)  # clone.lr x error_scale
     assert res["tanh_sgd"]["lr_sweep"] is None
     assert res["tanh_sgd"]["config"]["init_scale"] == 0.0
@@ -357,7 +361,8 @@ def test_evaluate_entry_point_held_out(tmp_path, data_dir):
                                                                        abs=1e-6)
     # From W = 0 every logit ties: the untrained SGD network predicts class 0.
     assert res["tanh_sgd"]["metrics"]["test_acc@0"]["std"] == 0.0
-    assert (out_dir / "test_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["files"]["test_figure"] == "clone_on_mnist_test_accuracy.png"
+    assert (out_dir / summary["files"]["test_figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Streams drawn from the held-out split are refused.
     bad = cmd[:-1] + [f"--out_dir={tmp_path / 'bad'}", "--split=test"]
@@ -390,8 +395,8 @@ def test_evaluate_shuffle_pixels(tmp_path, data_dir):
             assert plain[method]["metrics"][key]["per_seed"] == pytest.approx(
                 shuffled[method]["metrics"][key]["per_seed"], abs=1e-6)
     # VS-ML's random cell states meet other pixels: the same seed learns differently.
-    assert plain["vsml"]["metrics"]["mean_loss"]["per_seed"] != pytest.approx(
-        shuffled["vsml"]["metrics"]["mean_loss"]["per_seed"], abs=1e-6)
+    assert plain["ckpt"]["metrics"]["mean_loss"]["per_seed"] != pytest.approx(
+        shuffled["ckpt"]["metrics"]["mean_loss"]["per_seed"], abs=1e-6)
 
 
 def test_evaluate_refuses_a_nearest_neighbour_memory_that_does_not_fit(tmp_path):
@@ -401,3 +406,15 @@ def test_evaluate_refuses_a_nearest_neighbour_memory_that_does_not_fit(tmp_path)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "112.2 GiB; use fewer --seeds" in proc.stderr
+
+
+def test_figures_and_labels_are_named_after_the_learner_and_data():
+    from vsml_jax.runs.evaluate import checkpoint_label, dataset_label, figure_stem
+    assert checkpoint_label("pretrained:mnist") == "pretrained:mnist"
+    assert checkpoint_label("runs/quickstart/") == "quickstart"
+    assert dataset_label("npz:/data/letters.npz+mnist") == "letters+mnist"
+    assert dataset_label("idx:/data/emnist/") == "emnist"
+    assert dataset_label("tfds:cifar10") == "cifar10"
+    assert figure_stem("pretrained:mnist", ("mnist", "fashion_mnist")) == \
+        "pretrained_mnist_on_mnist_fashion_mnist"
+    assert figure_stem(None, ("npz:/x/letters.npz",)) == "baselines_on_letters"

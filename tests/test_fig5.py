@@ -1,6 +1,7 @@
 """experiments.fig5: the cloned-backprop figure regenerates with one command."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,6 +27,13 @@ def test_fig5_entry_point_smoke(tmp_path, data_dir):
            f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Progress lines with an ETA; at the end a short table and where the files went.
+    assert re.search(r"mnist cloned backprop: .* 10/20 steps .* \| ETA \dh\d\dm\d\ds",
+                     proc.stderr), proc.stderr[-3000:]
+    assert "== mnist: test accuracy on 50 test images after 20 steps" in proc.stdout
+    assert f"wrote {out_dir / 'fig5.json'} (curves per seed), {out_dir / 'fig5.png'} in " \
+        in proc.stdout, proc.stdout
+    assert len(proc.stdout.splitlines()) < 15, proc.stdout  # no JSON dump
     result = json.loads((out_dir / "fig5.json").read_text())
     assert result["flags"]["stream_batch"] == 0 and result["seeds"] == [0, 1]
     assert result["flags"]["download"] is True

@@ -174,3 +174,44 @@ def test_sigterm_saves_at_one_step_and_resume_is_exact(adam_reference, tmp_path)
     for a, b in zip(uninterrupted, resumed):
         np.testing.assert_array_equal(a, b)
     assert info["meta_training"]["finished"] is True
+
+
+# ------------------------------------------------------------ start-up faults
+def test_port_in_use_is_one_line_on_process_0(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        r = subprocess.run(
+            [sys.executable, "-m", "experiments.meta_train", f"--workdir={tmp_path / 'w'}",
+             *ADAM, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             "--process_id=0"], cwd=REPO, env=env, capture_output=True, text=True,
+            timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert f"cannot listen on port {port}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_waiting_for_peers_is_reported_and_sigterm_exits_0(tmp_path):
+    """Only process 0 of 2 is started: it says it waits, and SIGTERM ends it with 0."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "experiments.meta_train", f"--workdir={tmp_path / 'w'}",
+         *ADAM, f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2",
+         "--process_id=0"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    lines = []
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        line = p.stdout.readline()
+        lines.append(line)
+        if "waiting" in line and "for all processes to join" in line:
+            break
+    else:
+        p.kill()
+        pytest.fail("no waiting notice:\n" + "".join(lines))
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 0, "".join(lines) + out
+    assert "Stopped by SIGTERM while waiting for the other processes" in out

@@ -79,7 +79,8 @@ from vsml_jax.state import LayerState
 
 W_SLOT = 0  # c[W_SLOT] = w / s (the slot init_state randomises first)
 B_SLOT = 1  # c[B_SLOT] = b / s
-STAGES = ("forward", "backprop")
+STAGES = ("forward", "backprop", "nearest_mean")
+Q_SLOT = 1  # nearest_mean stage: c[Q_SLOT] = q = n / (n + 1), n the class count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,11 @@ class CloneSpec:
         without a learned bias).
       fwd_weight, store_weight, bwd_weight: weights of the loss terms.
       huber_delta: transition point of the Smooth-L1 loss (in those units).
+      x_low, x_high: stage "nearest_mean": x ~ U(x_low, x_high) (the range of
+        standardised pixels, see vsml_jax.data.images), or the cell's constant
+        background value x_low with a per-cell probability ~ U(0, 1).
+      label_prob_max: stage "nearest_mean": a cell's label y_b is 1 with a
+        per-cell probability ~ U(0, label_prob_max) (its class's frequency).
     """
     target_scale: float = 20.0
     lr: float = 0.02
@@ -129,6 +135,9 @@ class CloneSpec:
     store_weight: float = 1.0
     bwd_weight: float = 1.0
     huber_delta: float = 1.0
+    x_low: float = -0.43
+    x_high: float = 2.83
+    label_prob_max: float = 0.5
 
     def __post_init__(self):
         for name in ("target_scale", "lr", "x_std", "e_max", "fwd_unit", "store_unit",
@@ -144,6 +153,11 @@ class CloneSpec:
                              "[0, 1].")
         if self.steps < 1:
             raise ValueError(f"CloneSpec: steps={self.steps} must be >= 1.")
+        if not self.x_low < self.x_high:
+            raise ValueError(f"CloneSpec: x_low={self.x_low} must be < x_high={self.x_high}.")
+        if not 0.0 < self.label_prob_max <= 1.0:
+            raise ValueError(f"CloneSpec: label_prob_max={self.label_prob_max} must be in "
+                             "(0, 1].")
 
 
 def clone_config(layer_sizes=(784, 10), *, hidden_size: int = 32, msg_size: int = 4,
@@ -196,6 +210,8 @@ def check_clone_config(cfg: VSMLConfig) -> None:
     """Raises ValueError if `cfg` breaks the conventions the clone relies on."""
     want = dict(cell="lstm", reduce="sum", backward_interaction=True, coordinates=False,
                 feed_label=False)
+    if cfg.feed_label:  # a nearest-mean clone (nearest_mean_config)
+        want.update(reduce="mean", feed_label=True)
     if cfg.protocol not in ("predict_then_learn", "predict_then_backprop"):
         raise ValueError(f"cloning: cfg.protocol={cfg.protocol!r} but the clone needs "
                          "'predict_then_learn' (or 'predict_then_backprop' for stacked "
@@ -278,7 +294,7 @@ def decode_state(spec: CloneSpec, c) -> Tuple[jax.Array, jax.Array]:
     return c[..., W_SLOT] * spec.target_scale, c[..., B_SLOT] * spec.target_scale
 
 
-def cell_pass(params: VSMLParams, state: LayerState, x, e
+def cell_pass(params: VSMLParams, state: LayerState, x, e, label=None
               ) -> Tuple[LayerState, jax.Array, jax.Array]:
     """One pass (micro_ticks ticks) of K independent cells on their own messages.
 
@@ -299,6 +315,8 @@ def cell_pass(params: VSMLParams, state: LayerState, x, e
     K = x.shape[0]
     f = jnp.zeros((K, cfg.msg_size), dtype).at[:, cfg.input_slot].set(x.astype(dtype))
     g = jnp.zeros((K, cfg.msg_size), dtype).at[:, cfg.error_slot].set(e.astype(dtype))
+    if label is not None:  # feed_label configs: y_b on label_slot (network.error_message)
+        g = g.at[:, cfg.label_slot].set(label.astype(dtype))
     coord = jnp.zeros((K, 3), dtype)  # unused: clone configs have no coordinates
     tick = jax.vmap(lambda h, c, fi, gi, k: reference.cell_tick(p, cfg, h, c, fi, gi, k))
     h, c = state.h, state.c
@@ -321,15 +339,23 @@ def cell_backward(params: VSMLParams, state: LayerState, x, e):
 
 # -------------------------------------------------------------- objective
 class CloneBatch(NamedTuple):
-    """Random data for K cells and T steps: w0, b0 [K]; x, e [T, K]."""
+    """Random data for K cells and T steps: w0, b0 [K]; x, e [T, K].
+
+    Stage "nearest_mean": w0, b0 are the start (m0, q0) and y [T, K] the 0/1
+    labels of the cells' class.
+    """
     w0: jax.Array
     b0: jax.Array
     x: jax.Array
     e: jax.Array
+    y: Optional[jax.Array] = None
 
 
-def sample_batch(key: jax.Array, spec: CloneSpec, batch_size: int) -> CloneBatch:
+def sample_batch(key: jax.Array, spec: CloneSpec, batch_size: int,
+                 stage: str = "backprop") -> CloneBatch:
     """Random (w0, b0) per cell and (x_t, e_t) per step, see CloneSpec."""
+    if stage == "nearest_mean":
+        return nm_sample_batch(key, spec, batch_size)
     kw, kb, kx, ke, kd, kr = jax.random.split(key, 6)
     K, T = batch_size, spec.steps
     e = jax.random.uniform(ke, (T, K), minval=-spec.e_max, maxval=spec.e_max)
@@ -398,6 +424,8 @@ def clone_loss(params: VSMLParams, spec: CloneSpec, batch: CloneBatch, stage: st
     pass vs exact, units of lr), upd_rel (upd_mae / mean |exact update|, in the
     same units) and bwd_mae, bwd_rel (e').
     """
+    if stage == "nearest_mean":
+        return nm_loss(params, spec, batch, start)
     o, final = clone_rollout(params, spec, batch, stage, encoding, start)
     d = spec.huber_delta
     hub = lambda r: jnp.mean(optax.huber_loss(r, delta=d))
@@ -443,8 +471,13 @@ class Chains:
 
 
 def init_chains(key: jax.Array, cfg: VSMLConfig, spec: CloneSpec, num_cells: int,
-                encoding: Optional[StateEncoding] = None) -> Chains:
-    """K fresh cells holding random (w, b) as in `sample_batch`."""
+                encoding: Optional[StateEncoding] = None, stage: str = "backprop"
+                ) -> Chains:
+    """K fresh cells holding random (w, b) as in `sample_batch` (stage
+    "nearest_mean": the all-zero state, m = q = 0)."""
+    if stage == "nearest_mean":
+        z = jnp.zeros((num_cells,), jnp.float32)
+        return Chains(state=nm_zero_state(cfg, num_cells), w=z, b=z)
     batch = sample_batch(key, spec, num_cells)
     return Chains(state=encode_state(cfg, spec, batch.w0, batch.b0, encoding),
                   w=batch.w0, b=batch.b0)
@@ -473,6 +506,8 @@ def chain_batch(key: jax.Array, cfg: VSMLConfig, spec: CloneSpec, chains: Chains
       the start state: replace it by the unroll's final state), the [K] mask
       of restarted cells).
     """
+    if stage == "nearest_mean":
+        return nm_chain_batch(key, cfg, spec, chains, reset_prob, max_drift)
     k_batch, k_reset = jax.random.split(key)
     batch = sample_batch(k_batch, spec, chains.w.shape[0])
     w_kept, b_kept = decode_state(spec, chains.state.c)
@@ -515,3 +550,184 @@ def long_run_errors(params: VSMLParams, spec: CloneSpec, key: jax.Array, num_cel
         fwd_mae_end=jnp.mean(fwd_err),
         fwd_rel_end=jnp.mean(fwd_err) / jnp.std(o["y_target"][-tail:]),
         bwd_mae_end=jnp.mean(jnp.abs(o["e_prev"][-tail:] - o["e_prev_target"][-tail:])))
+
+
+# ------------------------------------------------ nearest class mean (stage)
+# Cell (a, b) of a layer keeps the running mean m of input a over the examples
+# of class b and q = n / (n + 1), n the count of those examples (q starts at
+# 0 with the all-zero state and stays in [0, 1), so it fits an LSTM state):
+#
+#   predict pass on x:           emits  x m - m^2 / 2   (state unchanged)
+#   learn pass on (x, e, y_b):   if y_b = 1:  m <- q m + (1 - q) x,
+#                                             q <- 1 / (2 - q)
+#
+# (m + (x - m) / (n + 1) is the running mean; 1 / (2 - q) = (n + 1) / (n + 2).)
+# Summed over a, sum_a (x_a m_ab - m_ab^2 / 2) = -|x - mu_b|^2 / 2 + |x|^2 / 2:
+# the nearest-class-mean score up to a term that is the same for every class.
+# The cell reads y_b from the label slot (feed_label) and is trained to ignore
+# the error e. Storage: c[W_SLOT] = m / s, c[Q_SLOT] = q; the forward message
+# carries (x m - m^2 / 2) / s on output_slot.
+
+
+def conventions(stage: str) -> str:
+    """One line on where a clone of `stage` keeps its values (for learner.json)."""
+    if stage == "nearest_mean":
+        return ("m/s in c[0], q = n/(n+1) in c[1]; x on forward slot 0, label y_b on "
+                "backward slot 1, (x m - m^2/2)/s on forward slot 0 (readout_scale="
+                "logit_scale*s); protocol predict_then_learn, reduce mean.")
+    return ("w/s in c[0], b/s in c[1]; x on forward slot 0, y/s on forward slot 0 "
+            "(readout_scale=s), e and e' on backward slot 0; protocol "
+            "predict_then_learn, reduce sum.")
+
+
+def nearest_mean_config(layer_sizes=(784, 10), *, hidden_size: int = 16, msg_size: int = 4,
+                        micro_ticks: int = 2, target_scale: float = 4.0,
+                        logit_scale: float = 30.0, error_scale: float = 1.0,
+                        state_clip: float = 4.0) -> VSMLConfig:
+    """The VSMLConfig a nearest-mean clone runs with.
+
+    protocol predict_then_learn with the label fed on slot 1; reduce "mean",
+    so logits_b = logit_scale * mean_a (x_a m_ab - m_ab^2 / 2)
+    (= -logit_scale |x - mu_b|^2 / (2 D) + const: argmax is the nearest mean,
+    and the softmax temperature does not depend on D).
+    """
+    if hidden_size < 2 or msg_size < 2:
+        raise ValueError(f"nearest_mean_config: hidden_size={hidden_size} and msg_size="
+                         f"{msg_size} must be >= 2 (m and q; x/e and the label).")
+    return VSMLConfig(
+        layer_sizes=tuple(layer_sizes), cell="lstm", hidden_size=hidden_size,
+        msg_size=msg_size, micro_ticks=micro_ticks, backward_interaction=True,
+        reduce="mean", input_slot=0, output_slot=0, error_slot=0, feed_label=True,
+        label_slot=1, readout_scale=logit_scale * target_scale, readout_tanh=False,
+        error_scale=error_scale, state_clip=state_clip, init_std=0.0,
+        init_random_fraction=1.0 / hidden_size, tie_layers=True, coordinates=False,
+        protocol="predict_then_learn")
+
+
+def nearest_mean_targets(x, m, q, y):
+    """Exact rule: (output x m - m^2/2, m_new, q_new) for labels y in {0, 1}."""
+    out = x * m - 0.5 * m * m
+    m_new = jnp.where(y > 0, q * m + (1.0 - q) * x, m)
+    q_new = jnp.where(y > 0, 1.0 / (2.0 - q), q)
+    return out, m_new, q_new
+
+
+def nm_zero_state(cfg: VSMLConfig, num_cells: int) -> LayerState:
+    """K cells with nothing seen (m = q = 0): the state init_state gives at meta-test."""
+    z = jnp.zeros((num_cells, cfg.hidden_size), jnp.dtype(cfg.dtype))
+    return LayerState(h=z, c=z)
+
+
+def nm_decode(spec: CloneSpec, c) -> Tuple[jax.Array, jax.Array]:
+    """(m, q) from context vectors c [..., H]."""
+    return c[..., W_SLOT] * spec.target_scale, c[..., Q_SLOT]
+
+
+def nm_sample_batch(key: jax.Array, spec: CloneSpec, batch_size: int) -> CloneBatch:
+    """Random pixels, labels and errors for K cells over `spec.steps` steps.
+
+    x ~ U(x_low, x_high), or x_low (a background pixel) with a per-cell
+    probability ~ U(0, 1); y ~ Bernoulli(p), p ~ U(0, label_prob_max) per cell;
+    e = p_t - y with p_t ~ U(0, 1) (what softmax - one-hot looks like).
+    Start (m0, q0) = (0, 0).
+    """
+    kx, kb, kbp, ky, kyp, ke = jax.random.split(key, 6)
+    K, T = batch_size, spec.steps
+    x = jax.random.uniform(kx, (T, K), minval=spec.x_low, maxval=spec.x_high)
+    bg = jax.random.uniform(kb, (T, K)) < jax.random.uniform(kbp, (K,))
+    x = jnp.where(bg, spec.x_low, x)
+    p = spec.label_prob_max * jax.random.uniform(kyp, (K,))
+    y = (jax.random.uniform(ky, (T, K)) < p).astype(jnp.float32)
+    e = jax.random.uniform(ke, (T, K)) - y
+    z = jnp.zeros((K,), jnp.float32)
+    return CloneBatch(w0=z, b0=z, x=x, e=e, y=y)
+
+
+def nm_rollout(params: VSMLParams, spec: CloneSpec, batch: CloneBatch,
+               start: Optional[LayerState] = None
+               ) -> Tuple[Dict[str, jax.Array], LayerState]:
+    """Cells and the exact nearest-mean rule side by side for T steps.
+
+    Returns (outs, final state); outs maps names to [T, K]: out, out_target
+    (predict pass, true units), m_keep, q_keep (stored after the predict pass)
+    with targets m_prev, q_prev, and m_new, q_new (after the learn pass) with
+    targets m_new_target, q_new_target.
+    """
+    cfg = params.cfg
+    state = nm_zero_state(cfg, batch.x.shape[1]) if start is None else start
+
+    def body(carry, xey):
+        state, m, q = carry
+        x, e, y = xey
+        state, out = cell_forward(params, spec, state, x)
+        m_keep, q_keep = nm_decode(spec, state.c)
+        state, _, _ = cell_pass(params, state, x, e, y)
+        m_new, q_new = nm_decode(spec, state.c)
+        out_target, m_next, q_next = nearest_mean_targets(x, m, q, y)
+        o = dict(out=out, out_target=out_target, m_keep=m_keep, q_keep=q_keep, m_prev=m,
+                 q_prev=q, m_new=m_new, q_new=q_new, m_new_target=m_next,
+                 q_new_target=q_next)
+        return (state, m_next, q_next), o
+
+    (state, _, _), outs = jax.lax.scan(body, (state, batch.w0, batch.b0),
+                                       (batch.x, batch.e, batch.y))
+    return outs, state
+
+
+def nm_loss(params: VSMLParams, spec: CloneSpec, batch: CloneBatch,
+            start: Optional[LayerState] = None):
+    """Smooth-L1 loss of the nearest-mean clone: (loss, (metrics, final state)).
+
+    Output residuals in units of fwd_unit, stored m and q (after each pass)
+    in units of store_unit. Metrics: out_mae, out_rel (/ std of the target),
+    m_mae, q_mae (after the learn pass), keep_mae (drift during the predict
+    pass).
+    """
+    o, final = nm_rollout(params, spec, batch, start)
+    hub = lambda r: jnp.mean(optax.huber_loss(r, delta=spec.huber_delta))
+    fwd = hub((o["out"] - o["out_target"]) / spec.fwd_unit)
+    u = spec.store_unit
+    keep = 0.5 * (hub((o["m_keep"] - o["m_prev"]) / u) + hub((o["q_keep"] - o["q_prev"]) / u))
+    upd = 0.5 * (hub((o["m_new"] - o["m_new_target"]) / u)
+                 + hub((o["q_new"] - o["q_new_target"]) / u))
+    loss = spec.fwd_weight * fwd + spec.store_weight * (keep + upd)
+    out_mae = jnp.mean(jnp.abs(o["out"] - o["out_target"]))
+    metrics = dict(
+        loss=loss, fwd_loss=fwd, keep_loss=keep, upd_loss=upd, out_mae=out_mae,
+        out_rel=out_mae / (jnp.std(o["out_target"]) + 1e-8),
+        m_mae=jnp.mean(jnp.abs(o["m_new"] - o["m_new_target"])),
+        q_mae=jnp.mean(jnp.abs(o["q_new"] - o["q_new_target"])),
+        keep_mae=0.5 * jnp.mean(jnp.abs(o["m_keep"] - o["m_prev"])
+                                + jnp.abs(o["q_keep"] - o["q_prev"])),
+        mean_count=jnp.mean(o["q_new_target"] / (1.0 - o["q_new_target"])))
+    return loss, (metrics, final)
+
+
+def nm_chain_batch(key: jax.Array, cfg: VSMLConfig, spec: CloneSpec, chains: Chains,
+                   reset_prob: float, max_drift: float
+                   ) -> Tuple[LayerState, CloneBatch, Chains, jax.Array]:
+    """`chain_batch` of the nearest-mean stage: chains.w, chains.b hold the
+    exact (m, q). A cell restarts from the zero state with probability
+    reset_prob or when its stored m or q is more than max_drift store_units off;
+    a kept cell is re-synchronised to what it stores."""
+    k_batch, k_reset = jax.random.split(key)
+    K = chains.w.shape[0]
+    batch = nm_sample_batch(k_batch, spec, K)
+    m_kept, q_kept = nm_decode(spec, chains.state.c)
+    drift = jnp.maximum(jnp.abs(m_kept - chains.w), jnp.abs(q_kept - chains.b)) / spec.store_unit
+    reset = (jax.random.uniform(k_reset, (K,)) < reset_prob) | (drift > max_drift)
+    reset = reset | ~jnp.isfinite(drift)
+    fresh = nm_zero_state(cfg, K)
+    start = jax.tree_util.tree_map(lambda n, o: jnp.where(reset[:, None], n, o), fresh,
+                                   chains.state)
+    m0 = jnp.where(reset, 0.0, m_kept)
+    q0 = jnp.where(reset, 0.0, jnp.clip(q_kept, 0.0, 0.9999))
+    batch = batch._replace(w0=m0, b0=q0)
+
+    def exact(carry, xy):
+        m, q = carry
+        _, m, q = nearest_mean_targets(xy[0], m, q, xy[1])
+        return (m, q), None
+
+    (m_end, q_end), _ = jax.lax.scan(exact, (m0, q0), (batch.x, batch.y))
+    return start, batch, Chains(state=start, w=m_end, b=q_end), reset

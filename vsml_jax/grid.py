@@ -39,6 +39,7 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from vsml_jax.config import VSMLConfig
 from vsml_jax.params import CellParams
@@ -57,20 +58,51 @@ def coordinate_features(A: int, B: int, layer_index: int, num_layers: int):
     return pos_a, pos_b, pos_l
 
 
+Slots = Optional[Tuple[int, ...]]
+
+
+def _project(msg: jax.Array, w: jax.Array, slots: Slots) -> jax.Array:
+    """msg [N, m] @ w [m, G], given that only the columns `slots` of msg can be non-zero.
+
+    With slots=None it is the plain matmul. With the slots known (the input
+    message carries x on one slot, the error message e on one or two), it is
+    a broadcast multiply-add per slot: elementwise, so on CPU and GPU the
+    compiler fuses it into the gate computation that reads it instead of
+    launching a matmul (and the pad that builds the message) on every time
+    step. The TPU compiler instead fuses the matmul with its operands and
+    gives the slot form separate kernels for the row slices and layout
+    changes, so there it stays a matmul. The result is the same either way:
+    the other columns only contribute exact zeros.
+    """
+    if slots is None:
+        return msg @ w
+
+    def by_slots(msg, w):
+        out = jnp.zeros((msg.shape[0], w.shape[1]), jnp.result_type(msg, w))
+        for k in slots:
+            out = out + msg[:, k, None] * w[k]
+        return out
+
+    return jax.lax.platform_dependent(msg, w, tpu=jnp.matmul, default=by_slots)
+
+
 def neuron_preactivations(p: CellParams, cfg: VSMLConfig, fwd_in: jax.Array,
-                          bwd_in: jax.Array, layer_index: int
+                          bwd_in: jax.Array, layer_index: int,
+                          fwd_slots: Slots = None, bwd_slots: Slots = None
                           ) -> Tuple[jax.Array, jax.Array]:
     """Message (and coordinate) part of the cells' pre-activations, per neuron.
 
     Args:
       fwd_in: [A, m] forward message of each input neuron.
       bwd_in: [B, m] backward message of each output neuron.
+      fwd_slots, bwd_slots: the message columns that can be non-zero (None:
+        any); see `_project`.
     Returns:
       (pre_a [A, G], pre_b [B, G]); cell (a, b) adds pre_a[a] + pre_b[b]. The
       bias is folded into pre_b.
     """
-    pre_a = fwd_in @ p.w_f
-    pre_b = bwd_in @ p.w_b + p.bias
+    pre_a = _project(fwd_in, p.w_f, fwd_slots)
+    pre_b = _project(bwd_in, p.w_b, bwd_slots) + p.bias
     if p.w_coord is not None:
         pos_a, pos_b, pos_l = coordinate_features(
             fwd_in.shape[0], bwd_in.shape[0], layer_index, cfg.num_layers)
@@ -83,6 +115,29 @@ def _lstm_gate_scale(H: int, dtype) -> jax.Array:
     """[G] factors: 1/2 for the sigmoid gates (i, f, o), 1 for g (tanh)."""
     half = jnp.full((H,), 0.5, dtype)
     return jnp.concatenate([half, half, jnp.ones((H,), dtype), half])
+
+
+@struct.dataclass
+class GateScaledParams(CellParams):
+    """CellParams of an LSTM whose gate columns are already scaled by
+    `_lstm_gate_scale` (w_h, w_f, w_b, bias, w_coord; c_fwd and u_bwd as they
+    are). `network.unroll` scales V_M once before its time loop, so the loop
+    does not redo it (and launch it) on every step; the kernels skip their own
+    scaling for these. The scale is 1/2 or 1, so the results are bit for bit
+    the same.
+    """
+
+
+def gate_scaled(p: CellParams, cfg: VSMLConfig) -> CellParams:
+    """p as GateScaledParams for an LSTM (any leading axes, e.g. stacked layers);
+    p itself for a vanilla cell or if already scaled."""
+    if cfg.cell != "lstm" or isinstance(p, GateScaledParams):
+        return p
+    scale = _lstm_gate_scale(cfg.hidden_size, p.w_h.dtype)
+    return GateScaledParams(
+        w_h=p.w_h * scale, w_f=p.w_f * scale, w_b=p.w_b * scale, bias=p.bias * scale,
+        c_fwd=p.c_fwd, u_bwd=p.u_bwd,
+        w_coord=None if p.w_coord is None else p.w_coord * scale)
 
 
 def _clip(x: jax.Array, bound: Optional[float]) -> jax.Array:
@@ -229,23 +284,26 @@ def _tiled_ticks(cfg: VSMLConfig, tiles: int, w_h, pre_a, pre_b, h, c, **kw):
 
 
 def scaled_preactivations(p: CellParams, cfg: VSMLConfig, fwd_in: jax.Array,
-                          bwd_in: jax.Array, layer_index: int):
+                          bwd_in: jax.Array, layer_index: int,
+                          fwd_slots: Slots = None, bwd_slots: Slots = None):
     """(w_h [H, G], pre_a [A, G], pre_b [B, G]) as `_ticks` takes them.
 
     For an LSTM the sigmoid-gate columns are halved, so that one tanh gives
-    every gate (sigmoid(x) = (1 + tanh(x / 2)) / 2).
+    every gate (sigmoid(x) = (1 + tanh(x / 2)) / 2), unless p is
+    GateScaledParams (then they already are).
     """
-    pre_a, pre_b = neuron_preactivations(p, cfg, fwd_in, bwd_in, layer_index)
+    pre_a, pre_b = neuron_preactivations(p, cfg, fwd_in, bwd_in, layer_index,
+                                         fwd_slots, bwd_slots)
     w_h = p.w_h
-    if cfg.cell == "lstm":
+    if cfg.cell == "lstm" and not isinstance(p, GateScaledParams):
         scale = _lstm_gate_scale(cfg.hidden_size, pre_a.dtype)
         w_h, pre_a, pre_b = w_h * scale, pre_a * scale, pre_b * scale
     return w_h, pre_a, pre_b
 
 
 def layer_ticks(p: CellParams, cfg: VSMLConfig, s: LayerState, fwd_in: jax.Array,
-                bwd_in: jax.Array, layer_index: int, tiles: Optional[int] = None
-                ) -> LayerState:
+                bwd_in: jax.Array, layer_index: int, tiles: Optional[int] = None,
+                fwd_slots: Slots = None, bwd_slots: Slots = None) -> LayerState:
     """Runs every cell of one layer for `cfg.micro_ticks` ticks on fixed messages.
 
     Args:
@@ -255,10 +313,14 @@ def layer_ticks(p: CellParams, cfg: VSMLConfig, s: LayerState, fwd_in: jax.Array
         divide A). Other backends always run the whole grid in one go: they
         want wide ops, and the choice is made at lowering time
         (`jax.lax.platform_dependent`), so one jitted function serves all.
+      fwd_slots, bwd_slots: the columns of fwd_in / bwd_in that can be
+        non-zero (None: any), e.g. (cfg.input_slot,) for layer 0's input
+        message; the others must be zero (see `_project`).
     Returns:
       the new LayerState, same shapes.
     """
-    w_h, pre_a, pre_b = scaled_preactivations(p, cfg, fwd_in, bwd_in, layer_index)
+    w_h, pre_a, pre_b = scaled_preactivations(p, cfg, fwd_in, bwd_in, layer_index,
+                                              fwd_slots, bwd_slots)
     A, B = s.h.shape[0], s.h.shape[1]
     tiles = num_tiles(A, B) if tiles is None else tiles
     if tiles < 1 or A % tiles:

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import chex
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 from flax import struct
 
@@ -68,17 +69,26 @@ def _kernel(impl: str) -> types.ModuleType:
 
 def input_message(cfg: VSMLConfig, x: jax.Array) -> jax.Array:
     """[A, m] forward message of layer 0: x_a on `input_slot`, zeros elsewhere."""
-    msg = jnp.zeros((x.shape[0], cfg.msg_size), x.dtype)
-    return msg.at[:, cfg.input_slot].set(x)
+    return _slot_message(cfg.msg_size, {cfg.input_slot: x})
 
 
 def error_message(cfg: VSMLConfig, error: jax.Array, label: jax.Array) -> jax.Array:
     """[C, m] backward message of the last layer: e_b (and y_b if feed_label)."""
-    msg = jnp.zeros((error.shape[0], cfg.msg_size), error.dtype)
-    msg = msg.at[:, cfg.error_slot].set(error)
+    slots = {cfg.error_slot: error}
     if cfg.feed_label:
-        msg = msg.at[:, cfg.label_slot].set(label)
-    return msg
+        slots[cfg.label_slot] = label
+    return _slot_message(cfg.msg_size, slots)
+
+
+def _slot_message(m: int, slots: dict) -> jax.Array:
+    """[N, m] message with column k = slots[k] ([N]) and zeros elsewhere.
+
+    Built as a stack of columns (not a scatter into zeros): the compiler sees
+    which columns are zero and a column read back is the vector itself.
+    """
+    v = next(iter(slots.values()))
+    zero = jnp.zeros_like(v)
+    return jnp.stack([slots.get(k, zero) for k in range(m)], axis=1)
 
 
 def _keep_slot(msg: jax.Array, slot: int) -> jax.Array:
@@ -114,9 +124,15 @@ def forward_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Arra
             f"[{cfg.num_classes}, {cfg.msg_size}] (classes, msg_size), as built by "
             "error_message(cfg, error [C], label [C]).")
     _check_layers(cfg, layers, "forward_pass")
+    return _forward(params, layers, x, err_msg, impl, top_error=False)
+
+
+def _forward(params: VSMLParams, layers, x: jax.Array, err_msg: jax.Array, impl: str,
+             top_error: bool):
+    """`forward_pass` without the checks; top_error: err_msg is an `error_message`."""
     L = params.cfg.num_layers
     bwd_ins = [_backward_input(params, layers, l, impl) for l in range(L - 1)] + [err_msg]
-    layers, logits, _ = _bottom_up(params, layers, x, bwd_ins, impl)
+    layers, logits, _ = _bottom_up(params, layers, x, bwd_ins, impl, top_error)
     return layers, logits
 
 
@@ -145,7 +161,27 @@ def _predict_tick(params: VSMLParams, layers, x: jax.Array, impl: str):
         lower = [jnp.zeros((n, cfg.msg_size), x.dtype) for n in cfg.layer_sizes[1:-1]]
     else:
         lower = [_backward_input(params, layers, l, impl) for l in range(cfg.num_layers - 1)]
-    return _bottom_up(params, layers, x, lower + [error_message(cfg, zeros, zeros)], impl)
+    return _bottom_up(params, layers, x, lower + [error_message(cfg, zeros, zeros)], impl,
+                      top_error=True)
+
+
+def _ticks(impl: str, params: VSMLParams, layers, l: int, fwd_in, bwd_in, top_error: bool):
+    """layer_ticks of layer l; the fast kernels are told which message slots can be
+    non-zero (layer 0's input and the top's error message use one or two of the
+    m slots, as do all messages with slot_messages), so they skip the others.
+
+    top_error: bwd_in is the top layer's `error_message`.
+    """
+    cfg = params.cfg
+    if impl != "fast":
+        return _kernel(impl).layer_ticks(params.layer(l), cfg, layers[l], fwd_in, bwd_in, l)
+    fwd_slots = (cfg.input_slot,) if l == 0 or cfg.slot_messages else None
+    if top_error:
+        bwd_slots = (cfg.error_slot,) + ((cfg.label_slot,) if cfg.feed_label else ())
+    else:
+        bwd_slots = (cfg.error_slot,) if cfg.slot_messages else None
+    return grid.layer_ticks(params.layer(l), cfg, layers[l], fwd_in, bwd_in, l,
+                            fwd_slots=fwd_slots, bwd_slots=bwd_slots)
 
 
 def _backward_input(params: VSMLParams, layers, l: int, impl: str) -> jax.Array:
@@ -155,8 +191,11 @@ def _backward_input(params: VSMLParams, layers, l: int, impl: str) -> jax.Array:
     return _keep_slot(msg, cfg.error_slot) if cfg.slot_messages else msg
 
 
-def _bottom_up(params: VSMLParams, layers, x: jax.Array, bwd_ins, impl: str):
+def _bottom_up(params: VSMLParams, layers, x: jax.Array, bwd_ins, impl: str,
+               top_error: bool):
     """One tick of every layer, bottom to top, with the given backward inputs.
+
+    top_error: bwd_ins[-1] is an `error_message` (only its error/label slots set).
 
     Returns (new layer states, logits [C], the forward input each layer read).
     """
@@ -165,7 +204,8 @@ def _bottom_up(params: VSMLParams, layers, x: jax.Array, bwd_ins, impl: str):
     for l in range(cfg.num_layers):
         p = params.layer(l)
         fwd_ins.append(fwd_in)
-        s = k.layer_ticks(p, cfg, layers[l], fwd_in, bwd_ins[l], l)
+        s = _ticks(impl, params, layers, l, fwd_in, bwd_ins[l],
+                   top_error and l == cfg.num_layers - 1)
         fwd_in = k.forward_messages(p, cfg, s)
         if cfg.slot_messages and l < cfg.num_layers - 1:
             fwd_in = input_message(cfg, cfg.readout_scale * fwd_in[:, cfg.output_slot])
@@ -184,46 +224,96 @@ def _top_down(params: VSMLParams, layers, fwd_ins, err_msg: jax.Array, impl: str
     cfg, k = params.cfg, _kernel(impl)
     layers, bwd = list(layers), err_msg
     for l in reversed(range(cfg.num_layers)):
-        layers[l] = k.layer_ticks(params.layer(l), cfg, layers[l], fwd_ins[l], bwd, l)
+        layers[l] = _ticks(impl, params, layers, l, fwd_ins[l], bwd, l == cfg.num_layers - 1)
         if l > 0:
             bwd = _backward_input(params, layers, l - 1, impl)
     return tuple(layers)
 
 
-def _loss_and_error(cfg: VSMLConfig, logits: jax.Array, y: jax.Array):
-    logp = jax.nn.log_softmax(logits)
-    loss = -jnp.sum(y * logp)
-    error = cfg.error_scale * (jnp.exp(logp) - y)  # d CE / d logits
-    return loss, error, correct_from_logits(logits, y)
+# Up to this many classes the softmax, loss and argmax of a step are written
+# out per class (elementwise max, exp, sums and comparisons over the C
+# columns): they fuse into one kernel per time step on an accelerator, where
+# `jax.nn.log_softmax`, `jnp.sum` and `jnp.argmax` over a [C] axis are a
+# kernel each. Same formulas; sums may differ in the last bit (summation order).
+_UNROLLED_CLASSES = 16
+
+
+def _argmax_columns(cols) -> jax.Array:
+    """jnp.argmax over C columns [...] each: the first index of the largest."""
+    best, idx = cols[0], jnp.zeros(cols[0].shape, jnp.int32)
+    for k, col in enumerate(cols[1:], 1):
+        better = col > best
+        best, idx = jnp.where(better, col, best), jnp.where(better, k, idx)
+    return idx
+
+
+def _outputs(cfg: VSMLConfig, logits: jax.Array, y: jax.Array
+             ) -> Tuple[jax.Array, StepOutput]:
+    """(e_t [..., C], StepOutput) of the prediction logits [..., C] for one-hot y.
+
+    e_t = error_scale * (softmax(logits) - y) = error_scale * d CE / d logits
+    is what the next step feeds back; loss and correct as in StepOutput.
+    """
+    C = logits.shape[-1]
+    if C > _UNROLLED_CLASSES:
+        logp = jax.nn.log_softmax(logits)
+        loss = -jnp.sum(y * logp, axis=-1)
+        correct = correct_from_logits(logits, y)
+    else:
+        cols = [logits[..., k] for k in range(C)]
+        ys = [y[..., k] for k in range(C)]
+        top = cols[0]
+        for col in cols[1:]:
+            top = jnp.maximum(top, col)
+        top = jax.lax.stop_gradient(top)  # as in jax.nn.log_softmax
+        total = jnp.exp(cols[0] - top)
+        for col in cols[1:]:
+            total = total + jnp.exp(col - top)
+        logp = logits - top[..., None] - jnp.log(total)[..., None]
+        loss = -(ys[0] * logp[..., 0])
+        for k in range(1, C):
+            loss = loss - ys[k] * logp[..., k]
+        finite = jnp.isfinite(cols[0])
+        for col in cols[1:]:
+            finite = finite & jnp.isfinite(col)
+        hit = (_argmax_columns(cols) == _argmax_columns(ys)) & finite
+        correct = hit.astype(logits.dtype)
+    error = cfg.error_scale * (jnp.exp(logp) - y)
+    return error, StepOutput(logits=logits, loss=loss, correct=correct)
 
 
 def step(params: VSMLParams, state: VSMLState, x: jax.Array, y: jax.Array,
          impl: str = "fast") -> Tuple[VSMLState, StepOutput]:
     """One online step on one example: x [A0], y one-hot [C]."""
     cfg = params.cfg
-    # Shapes only, at trace time: unroll's scan calls this too, at no run-time cost.
     _check_input_vector(cfg, x, "step")
     if y.shape != (cfg.num_classes,):
         raise ValueError(f"step: y has shape {y.shape}; expected one-hot "
                          f"[{cfg.num_classes}] (layer_sizes[-1] classes).")
     _check_layers(cfg, state.layers, "step")
+    return _step(params, state, x, y, impl)
+
+
+def _step(params: VSMLParams, state: VSMLState, x: jax.Array, y: jax.Array,
+          impl: str) -> Tuple[VSMLState, StepOutput]:
+    """`step` without the checks (`unroll` checks the whole episode once)."""
+    cfg = params.cfg
     if cfg.protocol == "delayed_error":
         err_msg = error_message(cfg, state.error, state.label)
-        layers, logits = forward_pass(params, state.layers, x, err_msg, impl)
-        loss, error, correct = _loss_and_error(cfg, logits, y)
+        layers, logits = _forward(params, state.layers, x, err_msg, impl, top_error=True)
+        error, out = _outputs(cfg, logits, y)
     else:  # predict_then_*: predict with no feedback, then learn from e_t.
         layers, logits, fwd_ins = _predict_tick(params, state.layers, x, impl)
-        loss, error, correct = _loss_and_error(cfg, logits, y)
+        error, out = _outputs(cfg, logits, y)
         err_msg = error_message(cfg, error, y)
         if cfg.protocol == "predict_then_learn":
-            layers, _ = forward_pass(params, layers, x, err_msg, impl)
+            layers, _ = _forward(params, layers, x, err_msg, impl, top_error=True)
         else:
             # predict_then_backprop: after the no-error tick, the learn sweep
             # from the top (_top_down). Every layer ticks twice per example,
             # (x, 0) then (x, e), which is what a cloned cell was trained on.
             layers = _top_down(params, layers, fwd_ins, err_msg, impl)
-    new_state = VSMLState(layers=layers, error=error, label=y.astype(error.dtype))
-    return new_state, StepOutput(logits=logits, loss=loss, correct=correct)
+    return VSMLState(layers=layers, error=error, label=y.astype(error.dtype)), out
 
 
 def _batch_averaged_step(params, state, x, y, impl):
@@ -232,7 +322,8 @@ def _batch_averaged_step(params, state, x, y, impl):
     This is the paper's analogue of mini-batching (sec. 3.1, appendix C): x [K, A0],
     y [K, C], state leaves with a leading axis [K] (kept identical across K).
     """
-    new_state, out = jax.vmap(lambda s, xi, yi: step(params, s, xi, yi, impl))(state, x, y)
+    new_state, out = jax.vmap(lambda s, xi, yi: _step(params, s, xi, yi, impl))(
+        state, x, y)
     avg = lambda a: jnp.broadcast_to(jnp.mean(a, axis=0, keepdims=True), a.shape)
     layers = tuple(LayerState(h=avg(s.h), c=avg(s.c)) for s in new_state.layers)
     return new_state.replace(layers=layers), out
@@ -366,15 +457,43 @@ def unroll(params: VSMLParams, state: VSMLState,
     _check_data(cfg, state, inputs, labels)
     dtype = jnp.dtype(cfg.dtype)
     inputs, labels = inputs.astype(dtype), labels.astype(dtype)
-    step_fn = _batch_averaged_step if inputs.ndim == 3 else step
+    step_fn = _batch_averaged_step if inputs.ndim == 3 else _step
+    if impl == "fast" and not __import__('os').environ.get('H4_NOSCALE'):
+        params = params.replace(cells=grid.gate_scaled(params.cells, cfg))
+    flat = jax.flatten_util.ravel_pytree(params)[0]
+    fixed = jax.lax.stop_gradient(params)
 
     def body(carry, xy):
-        return step_fn(params, carry, xy[0], xy[1], impl)
+        return step_fn(params if __import__('os').environ.get('H4_NOFLAT') else _flat_grad(fixed, flat), carry, xy[0], xy[1], impl)
 
     if remat or remat_chunk:
         body = jax.checkpoint(body)
     chunks = remat_chunks(remat_chunk, inputs.shape[0])
     return _nested_scan(body, state, (inputs, labels), chunks)
+
+
+@jax.custom_vjp
+def _flat_grad(params: VSMLParams, flat: jax.Array) -> VSMLParams:
+    """params (V_M, stop_gradient'ed), with their gradient sent to `flat` instead.
+
+    flat [P] is `ravel_pytree(params)`. Used inside the time loop: the forward
+    reads the parameter arrays as they are (no slicing of a flat vector every
+    step), and the backward loop accumulates the gradient of all of V_M in one
+    array, i.e. one add per step instead of one per parameter array. The
+    gradient is the same.
+    """
+    return params
+
+
+def _flat_grad_fwd(params, flat):
+    return params, None
+
+
+def _flat_grad_bwd(_, ct):
+    return jax.tree_util.tree_map(jnp.zeros_like, ct), jax.flatten_util.ravel_pytree(ct)[0]
+
+
+_flat_grad.defvjp(_flat_grad_fwd, _flat_grad_bwd)
 
 
 def remat_chunks(remat_chunk: Union[None, int, Sequence[int]], T: int) -> Tuple[int, ...]:

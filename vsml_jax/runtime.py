@@ -29,6 +29,10 @@ import dataclasses
 import logging as py_logging
 import os
 import signal
+import socket
+import sys
+import threading
+import time
 from typing import Any, Optional
 
 import jax
@@ -69,6 +73,12 @@ class Cluster:
             raise ValueError(
                 "--coordinator_address, --num_processes and --process_id go together: "
                 "give all three (or none, to let JAX detect the cluster).")
+        if self.coordinator_address is not None:
+            host, sep, port = self.coordinator_address.rpartition(":")
+            if not (sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(
+                    f"--coordinator_address={self.coordinator_address!r}: give HOST:PORT "
+                    "of process 0, e.g. 10.0.0.1:1234 or localhost:1234.")
         if self.num_processes is not None and self.num_processes < 1:
             raise ValueError(f"--num_processes={self.num_processes} must be >= 1.")
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or 1):
@@ -136,12 +146,101 @@ def start(cluster: Optional[Cluster] = None) -> None:
             kwargs = dict(coordinator_address=cluster.coordinator_address,
                           num_processes=cluster.num_processes,
                           process_id=cluster.process_id)
-        jax.distributed.initialize(heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
-                                   **kwargs)
+            if cluster.process_id == 0:
+                check_port_free(cluster.coordinator_address)
+        with _WaitingNotice(cluster):
+            jax.distributed.initialize(heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
+                                       **kwargs)
         logging.info("Joined a job of %d processes as process %d (%d of %d devices "
                      "local).", jax.process_count(), jax.process_index(),
                      jax.local_device_count(), jax.device_count())
     _started = True
+
+
+class ClusterStartError(RuntimeError):
+    """This process cannot join (or start) the multi-process job; the message says why."""
+
+
+def check_port_free(address: str) -> None:
+    """Raises ClusterStartError when process 0 cannot listen on `address`'s port.
+
+    JAX's coordination service binds that port in C++ and, when it is taken,
+    crashes process 0 while the others wait for minutes; a plain socket bind
+    first turns that into one line.
+    """
+    port = int(address.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: a port left in TIME_WAIT by an earlier run is usable;
+        # one another process listens on is not (Linux refuses that bind).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise ClusterStartError(
+                f"--coordinator_address={address}: process 0 cannot listen on port {port} "
+                f"({e.strerror or e}); another run (or program) holds it. Stop it, or give "
+                "every process another free port.") from None
+
+
+class _WaitingNotice:
+    """While `jax.distributed.initialize` waits for the other processes, says so
+    (after 5 s, then every 30 s: JAX itself is silent until its timeout), and
+    stops the process with exit status 0 on SIGTERM.
+
+    The main thread sits in C++ then, where Python signal handlers cannot run
+    until the wait ends; `signal.set_wakeup_fd` has the C-level handler write
+    the signal number to a pipe this thread watches, so SIGTERM acts at once.
+    """
+
+    _STOP = b"\x00"  # written by __exit__; no signal has number 0
+
+    def __init__(self, cluster: Cluster, first_s: float = 5.0, every_s: float = 30.0):
+        self.cluster, self.first_s, self.every_s = cluster, first_s, every_s
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._old_fd = None
+
+    def _run(self):
+        import select
+        t0 = time.monotonic()
+        wait = self.first_s
+        c = self.cluster
+        where = c.coordinator_address or "the address the environment gives"
+        who = (f"process {c.process_id} of {c.num_processes}" if c.explicit
+               else "this process")
+        while True:
+            ready, _, _ = select.select([self._read], [], [], wait)
+            if ready:
+                got = os.read(self._read, 64)
+                if bytes([signal.SIGTERM]) in got:
+                    workdir = sys.modules.get("vsml_jax.training.workdir")
+                    if workdir is not None:
+                        workdir.release_all()
+                    sys.stderr.write("Stopped by SIGTERM while waiting for the other "
+                                     "processes: nothing to save.\n")
+                    sys.stderr.flush()
+                    os._exit(0)
+                if self._STOP in got:
+                    return
+                continue
+            logging.warning(
+                "%s: waiting %.0f s so far for all processes to join the job at %s "
+                "(each must be started with the same --coordinator_address and "
+                "--num_processes and its own --process_id).", who,
+                time.monotonic() - t0, where)
+            wait = self.every_s
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old_fd = signal.set_wakeup_fd(self._write)
+        threading.Thread(target=self._run, daemon=True, name="waiting-notice").start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._old_fd is not None:
+            signal.set_wakeup_fd(self._old_fd)
+        os.write(self._write, self._STOP)
+        return False
 
 
 def is_primary() -> bool:

@@ -20,6 +20,7 @@ from vsml_jax.data.episodes import (
 from vsml_jax.data.files import (
     DatasetFormatError,
     RawSplit,
+    clear_cache,
     load_idx_dir,
     load_npz,
     load_tfds,
@@ -39,7 +40,6 @@ from vsml_jax.data.sources import (
     ChecksumError,
     DatasetNotFoundError,
     DownloadError,
-    clear_cache,
     default_cache_dir,
     download_dataset,
     download_file,

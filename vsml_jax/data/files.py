@@ -34,6 +34,7 @@ import numpy as np
 from vsml_jax.data.sources import (
     DatasetNotFoundError,
     _find_in_dir,
+    clear_source_caches,
     load_idx_pair,
     split_files,
 )
@@ -344,5 +345,12 @@ def clear_file_caches() -> None:
     _load_tfds_cached.cache_clear()
 
 
+def clear_cache() -> None:
+    """Forgets every array loaded so far, here and in `sources` (frees memory,
+    forces re-reading)."""
+    clear_source_caches()
+    clear_file_caches()
+
+
 __all__ = ["DatasetFormatError", "RawSplit", "count_classes", "load_idx_dir", "load_npz",
-           "load_tfds", "clear_file_caches", "NPZ_KEYS"]
+           "load_tfds", "clear_file_caches", "clear_cache", "NPZ_KEYS"]

@@ -251,13 +251,11 @@ def _load_tfds(name: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def clear_cache() -> None:
-    """Forgets every array loaded so far (frees memory, forces re-reading)."""
-    from vsml_jax.data import files  # imports this module: import it late
-
+def clear_source_caches() -> None:
+    """Forgets the IDX and tfds arrays this module loaded (`vsml_jax.data.clear_cache`
+    also clears those of `files`, which imports this module, not the other way)."""
     _load_idx_pair_cached.cache_clear()
     _load_tfds.cache_clear()
-    files.clear_file_caches()
 
 
 # ---------------------------------------------------------------- downloading

@@ -30,8 +30,8 @@ from jax.sharding import Mesh
 from vsml_jax.data import Dataset
 from vsml_jax.learners import Learner
 from vsml_jax.meta.objective import EpisodeSpec, episodes_loss, sample_batch
-from vsml_jax.meta.sharding import check_population_size, replicated, shard_population
-from vsml_jax.runtime import put_replicated
+from vsml_jax.meta.sharding import (StepProgram, check_population_size, replicated,
+                                    shard_population)
 from vsml_jax.training.loop import strong_types
 
 # Short flag names -> evosax 0.3.2 class names; any exact class name also works.
@@ -141,18 +141,20 @@ def population_fitness(learner: Learner, population: Any, key: jax.Array,
     return jax.lax.map(one, population, batch_size=member_batch)
 
 
-def make_step_fn(learner: Learner, strategy, es_params, data: Dataset,
-                 spec: EpisodeSpec, mesh: Optional[Mesh] = None,
-                 member_batch: Optional[int] | str = "auto"
-                 ) -> Callable[[EvolutionTrainState], Tuple[EvolutionTrainState, Dict]]:
-    """A jitted generation: ask, evaluate (sharded over `mesh` if given), tell.
+def make_step(learner: Learner, strategy, es_params, data: Dataset,
+              spec: EpisodeSpec, mesh: Optional[Mesh] = None,
+              member_batch: Optional[int] | str = "auto") -> StepProgram:
+    """A generation as a program: ask, evaluate (sharded over `mesh` if given), tell.
 
     `member_batch` is passed to `population_fitness` ("auto":
     `default_member_batch()` for the platform the mesh or default device is on).
 
-    Metrics: "loss"/"accuracy" of the distribution mean (evaluated on the same
-    episodes as the population, before the update), "pop_loss" (population
-    mean), "best_loss" (best member this generation), "sigma" (mean std).
+    Returns a StepProgram: `.jitted(state, data)`, `.data` (host arrays,
+    placed replicated on the mesh only when the step first runs) and
+    `program(state) -> (new state, metrics)`. Metrics: "loss"/"accuracy" of
+    the distribution mean (evaluated on the same episodes as the population,
+    before the update), "pop_loss" (population mean), "best_loss" (best
+    member this generation), "sigma" (mean std).
     """
     if mesh is not None:
         check_population_size(strategy.population_size, mesh)
@@ -182,11 +184,19 @@ def make_step_fn(learner: Learner, strategy, es_params, data: Dataset,
         s = strong_types(s)  # e.g. a Python-float std from a schedule
         return EvolutionTrainState(step=state.step + 1, strategy_state=s, key=key), metrics
 
-    if mesh is not None:
-        # The state arrives replicated on the mesh (the training loop builds
-        # it with jit, identically on every process); data is put the same way.
-        data = put_replicated(data, replicated(mesh))
-    return lambda state: _step(state, data)
+    return StepProgram(_step, data, mesh)
+
+
+def make_step_fn(learner: Learner, strategy, es_params, data: Dataset,
+                 spec: EpisodeSpec, mesh: Optional[Mesh] = None,
+                 member_batch: Optional[int] | str = "auto"
+                 ) -> Callable[[EvolutionTrainState], Tuple[EvolutionTrainState, Dict]]:
+    """`make_step(...)` with its data placed on the mesh now (the state arrives
+    replicated on the mesh: the training loop builds it with jit, identically
+    on every process): step_fn(state) -> (new state, metrics)."""
+    program = make_step(learner, strategy, es_params, data, spec, mesh, member_batch)
+    program.placed_data()
+    return program
 
 
 def mean_params(strategy, state: EvolutionTrainState) -> Any:

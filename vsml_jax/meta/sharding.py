@@ -16,11 +16,13 @@ On several processes call `vsml_jax.runtime.start()` first.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vsml_jax.runtime import put_replicated
 
 DATA_AXIS = "data"
 
@@ -83,7 +85,14 @@ def shard_population(fn: Callable, mesh: Optional[Mesh]) -> Callable:
     def sharded(population, *replicated_args):
         pop = jax.tree_util.tree_leaves(population)[0].shape[0]
         check_population_size(pop, mesh)
-        population = jax.lax.with_sharding_constraint(population, batch_sharding(mesh))
+        # The population is computed from the replicated strategy state, so
+        # every device holds all of it: shard_map then takes each device's
+        # members by a local slice, and the strategy's update reads the same
+        # replicated copy. Constraining it to be split instead let XLA split
+        # the sampling too and all-gather the population back for the update
+        # (on TPU fused into the time loops of the step, measured with
+        # vsml_jax.runs.plan); now the only collective is the [P] fitness.
+        population = jax.lax.with_sharding_constraint(population, replicated(mesh))
         mapped = jax.shard_map(
             fn, mesh=mesh,
             in_specs=(P(DATA_AXIS),) + (P(),) * len(replicated_args),
@@ -91,3 +100,42 @@ def shard_population(fn: Callable, mesh: Optional[Mesh]) -> Callable:
         return mapped(population, *replicated_args)
 
     return sharded
+
+
+class StepProgram:
+    """A training step as a program and its data, before anything is on a device.
+
+    `jitted(state, data) -> (state, metrics)` is the jitted step (data is an
+    argument, not a constant baked into the program); `data` is what it is
+    called with, as host arrays. Nothing is placed on a device until the step
+    first runs, so the same object can be lowered for devices that are not
+    there (`jitted.lower(state_spec, data_spec)`, `vsml_jax.runs.plan`).
+
+    Attributes:
+      jitted: the jax.jit function of (state, data).
+      data: the step's data (a pytree of host arrays, e.g. a Dataset).
+      mesh: the mesh the step runs on (None: the default device).
+    """
+
+    def __init__(self, jitted: Callable, data: Any, mesh: Optional[Mesh]):
+        self.jitted = jitted
+        self.data = data
+        self.mesh = mesh
+        self._placed = None
+
+    def data_sharding(self) -> Optional[NamedSharding]:
+        """Where `data` lives when the step runs: replicated on the mesh (or None)."""
+        return None if self.mesh is None else replicated(self.mesh)
+
+    def placed_data(self) -> Any:
+        """`data` on the mesh (once; later calls return the same arrays)."""
+        if self._placed is None:
+            if self.mesh is None:
+                self._placed = self.data
+            else:
+                self._placed = put_replicated(self.data, self.data_sharding())
+        return self._placed
+
+    def __call__(self, state: Any) -> Tuple[Any, Any]:
+        """One step: (new state, metrics)."""
+        return self.jitted(state, self.placed_data())

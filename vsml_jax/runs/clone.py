@@ -32,9 +32,10 @@ import numpy as np
 from absl import logging
 
 from vsml_jax.runs.common import (RunOutcome, SettingsError, check_choices, check_ranges,
-                                  recent_evals, rerun_command, write_portable)
+                                  recent_evals, rerun_command, where_it_runs,
+                                  write_portable)
 
-STAGES = ("forward", "backprop")
+STAGES = ("forward", "backprop", "nearest_mean")
 # Settings that may change on resume (recorded in config.json).
 SAFE_TO_CHANGE = ("num_steps", "checkpoint_every", "log_every", "eval_every",
                   "eval_cells", "eval_long_steps", "lr", "lr_decay_steps",
@@ -69,6 +70,11 @@ class CloneConfig:
     store_weight: float = 1.0
     bwd_weight: float = 1.0
     huber_delta: float = 1.0
+    x_low: float = -0.43
+    x_high: float = 2.83
+    label_prob_max: float = 0.5
+    # Stage nearest_mean: logits = logit_scale * mean_a (x_a m_ab - m_ab^2 / 2).
+    logit_scale: float = 30.0
     # Optimisation.
     batch_size: int = 256
     num_steps: int = 10000
@@ -98,14 +104,17 @@ class CloneConfig:
             "fwd_unit": (0, None, "> 0"), "store_unit": (0, None, "> 0"),
             "x_repeat_prob": (0, 1), "bias_lr_scale": (0, None), "fwd_weight": (0, None),
             "store_weight": (0, None), "bwd_weight": (0, None),
-            "huber_delta": (0, None, "> 0"), "batch_size": (1, None), "num_steps": (0, None),
+            "huber_delta": (0, None, "> 0"), "label_prob_max": (0, 1, "in (0, 1]"),
+            "logit_scale": (0, None, "> 0"), "batch_size": (1, None), "num_steps": (0, None),
             "lr": (0, None, "> 0"), "lr_final_fraction": (0, 1),
             "lr_decay_steps": (0, None), "clip_norm": (0, None), "reset_prob": (0, 1),
             "max_drift": (0, None, "> 0"), "seed": (0, None),
             "checkpoint_every": (1, None), "log_every": (1, None), "eval_every": (0, None),
             "eval_cells": (1, None), "eval_long_steps": (0, None)})
-        if len(self.meta_test_layer_sizes) < 2 or min(self.meta_test_layer_sizes) < 1:
-            raise ValueError(f"--meta_test_layer_sizes={self.meta_test_layer_sizes}: give "
+        sizes = self.meta_test_layer_sizes
+        if (len(sizes) < 2 or not all(isinstance(n, int) and not isinstance(n, bool)
+                                      for n in sizes) or min(sizes) < 1):
+            raise ValueError(f"--meta_test_layer_sizes={','.join(map(str, sizes))}: give "
                              "at least two positive sizes, e.g. 784,10.")
 
     def to_dict(self) -> dict:
@@ -121,11 +130,18 @@ class CloneConfig:
             store_unit=self.store_unit, x_repeat_prob=self.x_repeat_prob,
             bias_lr_scale=self.bias_lr_scale, fwd_weight=self.fwd_weight,
             store_weight=self.store_weight, bwd_weight=self.bwd_weight,
-            huber_delta=self.huber_delta)
+            huber_delta=self.huber_delta, x_low=self.x_low, x_high=self.x_high,
+            label_prob_max=self.label_prob_max)
 
     def vsml_config(self):
         """The VSMLConfig of the saved learner (a meta_test_layer_sizes network)."""
         from vsml_jax import cloning
+        if self.stage == "nearest_mean":
+            return cloning.nearest_mean_config(
+                list(self.meta_test_layer_sizes), hidden_size=self.hidden_size,
+                msg_size=self.msg_size, micro_ticks=self.micro_ticks,
+                target_scale=self.target_scale, logit_scale=self.logit_scale,
+                error_scale=self.error_scale)
         return cloning.clone_config(
             list(self.meta_test_layer_sizes), hidden_size=self.hidden_size,
             msg_size=self.msg_size, micro_ticks=self.micro_ticks,
@@ -167,7 +183,7 @@ def _build(c: CloneConfig, cfg, spec, mesh):
         k_params, k_chains, k_run = jax.random.split(jax.random.PRNGKey(c.seed), 3)
         params = init_params(k_params, cfg) if start_params is None else start_params
         encoding = start_encoding or cloning.init_encoding(cfg)
-        chains = cloning.init_chains(k_chains, cfg, spec, c.batch_size)
+        chains = cloning.init_chains(k_chains, cfg, spec, c.batch_size, stage=c.stage)
         train = {"params": params, "encoding": encoding}
         return {"train": train, "opt_state": opt.init(train), "chains": chains,
                 "key": k_run, "step": jnp.zeros((), jnp.int32)}
@@ -211,7 +227,7 @@ def _build(c: CloneConfig, cfg, spec, mesh):
         return jax.lax.with_sharding_constraint(new, shardings), metrics
 
     eval_key = jax.random.PRNGKey(c.seed + 12345)  # fixed: evals are comparable
-    eval_batch = cloning.sample_batch(eval_key, spec, c.eval_cells)
+    eval_batch = cloning.sample_batch(eval_key, spec, c.eval_cells, stage=c.stage)
 
     @jax.jit
     def eval_fn(state):
@@ -264,9 +280,7 @@ def train_and_evaluate(c: CloneConfig, workdir: str) -> RunOutcome:
                 "final_loss": float(np.mean(last)) if last else None,
                 "final_loss_window": len(last),
                 "seconds_this_session": round(time.time() - t0, 1),
-                "conventions": "w/s in c[0], b/s in c[1]; x on forward slot 0, y/s on "
-                               "forward slot 0 (readout_scale=s), e and e' on backward "
-                               "slot 0; protocol predict_then_learn, reduce sum.",
+                "conventions": cloning.conventions(c.stage),
             },
             "final_eval": recent_evals(records),
             # Training-only: how to write a given (w, b) into a cell (figure 4, tests).
@@ -276,8 +290,7 @@ def train_and_evaluate(c: CloneConfig, workdir: str) -> RunOutcome:
         from vsml_jax.learners import vsml_learner
         write_portable(workdir, vsml_learner(cfg), train["params"], c.to_dict(), extra)
 
-    logging.info("Cloning (%s stage) in %s on %d devices of %d processes.", c.stage,
-                 workdir, mesh.devices.size, jax.process_count())
+    logging.info("Cloning (%s stage) in %s on %s.", c.stage, workdir, where_it_runs())
     result = loop.run(workdir, init_sharded, step_fn, c.num_steps, config_dict=c.to_dict(),
                       checkpoint_every=c.checkpoint_every, log_every=c.log_every,
                       eval_fn=eval_fn, eval_every=c.eval_every,

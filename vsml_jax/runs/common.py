@@ -2,6 +2,8 @@
 loading, the command to re-run, and the portable learner written by process 0."""
 from __future__ import annotations
 
+import hashlib
+import os
 import shlex
 import sys
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -85,6 +87,13 @@ def load_checked_dataset(spec: str, split: str, data_dir: Optional[str], pool: i
     return ds
 
 
+def where_it_runs() -> str:
+    """"1 device of 1 process", "8 devices of 2 processes", ... (for the start line)."""
+    import jax
+    d, p = jax.device_count(), jax.process_count()
+    return f"{d} device{'s' * (d != 1)} of {p} process{'es' * (p != 1)}"
+
+
 def rerun_command(changes: Mapping[str, Any]) -> str:
     """This process's command line with `--name=value` flags set to `changes`.
 
@@ -118,3 +127,124 @@ def write_portable(workdir: str, learner, params, run_config: Dict[str, Any],
     from vsml_jax import pretrained
     from vsml_jax.runtime import to_host
     pretrained.save_learner(workdir, learner, to_host(params), run_config, extra)
+
+
+def data_fingerprint(dataset) -> Dict[str, Any]:
+    """What identifies a training Dataset: where it came from, its counts, a hash.
+
+    Stored in every checkpoint so that a resume on replaced data is noticed:
+    {"name", "source", "num_examples", "num_classes", "input_dim", "sha256"}
+    (SHA-256 of all labels and of at most ~1000 evenly spaced image rows:
+    cheap even for MNIST, and any re-labelling or new file changes it) and,
+    for a data file, "file_size".
+    """
+    import numpy as np
+    images, labels = np.asarray(dataset.images), np.asarray(dataset.labels)
+    h = hashlib.sha256(np.ascontiguousarray(labels).tobytes())
+    h.update(np.ascontiguousarray(images[::max(1, images.shape[0] // 1000)]).tobytes())
+    out = {"name": dataset.name, "source": dataset.source,
+           "num_examples": int(images.shape[0]), "num_classes": int(dataset.num_classes),
+           "input_dim": int(images.shape[1]), "sha256": h.hexdigest()}
+    if dataset.source and os.path.isfile(dataset.source):
+        out["file_size"] = os.path.getsize(dataset.source)
+    return out
+
+
+# ------------------------------------------------------------ path flags
+# Flags that name files or folders (of any entry point).
+PATH_FLAGS = ("workdir", "out_dir", "data_dir", "checkpoint", "init_checkpoint",
+              "improved_checkpoint")
+# Flags whose data set specs may carry a path after "npz:" / "idx:".
+SPEC_FLAGS = ("dataset", "datasets", "eval_datasets")
+
+
+def expand_path(value: str) -> str:
+    """`~` and $VARS expanded (what a shell would have done unquoted)."""
+    return os.path.expandvars(os.path.expanduser(value))
+
+
+def _expand_spec(spec: str) -> str:
+    import re
+    return re.sub(r"(npz:|idx:)([^,+]+)", lambda m: m.group(1) + expand_path(m.group(2)),
+                  spec)
+
+
+def expand_path_flags(flag_values) -> None:
+    """Expands `~` and $VARS in every path flag given, refusing an empty one.
+
+    Raises:
+      ValueError: a path flag was given as an empty string (`--workdir=`).
+    """
+    for name in PATH_FLAGS + SPEC_FLAGS:
+        if name not in flag_values:
+            continue
+        flag = flag_values[name]
+        value = flag.value
+        if name in PATH_FLAGS and isinstance(value, str):
+            if value.strip() == "" and flag.present:
+                raise ValueError(f"--{name}= is empty: give a path, e.g. --{name}=runs/x.")
+            flag.value = expand_path(value) if not value.startswith("pretrained:") \
+                else value
+        elif name in SPEC_FLAGS and isinstance(value, str):
+            flag.value = _expand_spec(value)
+        elif name in SPEC_FLAGS and isinstance(value, list):
+            flag.value = [_expand_spec(v) for v in value]
+
+
+# What to do about an operating-system error on a path, by errno.
+_OS_FIXES = {
+    "EACCES": "make it writable (chmod/chown) or choose another path",
+    "EPERM": "make it writable (chmod/chown) or choose another path",
+    "EROFS": "the file system is read-only: choose a path on a writable one",
+    "ENOSPC": "free disk space (or choose a path on another disk), then run the same "
+              "command again: completed checkpoints are kept and the run resumes",
+    "EDQUOT": "free space within your quota, then run the same command again",
+    "EFBIG": "a file-size limit stopped the write (`ulimit -f`): raise it, then run "
+             "the same command again",
+    "ENOTDIR": "a part of the path is a file, not a folder: choose another path",
+    "EISDIR": "the path is a folder where a file was expected: choose another path",
+    "ELOOP": "the path holds a symbolic-link loop: fix the links or choose another path",
+    "ENAMETOOLONG": "choose a shorter path",
+}
+
+
+def describe_os_error(error: OSError) -> Optional[str]:
+    """One line naming the path, the cause (errno) and the fix, or None when the
+    error is not one of the path/space/permission errors a user can fix."""
+    import errno as errno_lib
+    name = errno_lib.errorcode.get(error.errno or -1)
+    if name not in _OS_FIXES:
+        return None
+    path = error.filename or "a file"
+    if error.filename2:
+        path = f"{path} -> {error.filename2}"
+    return (f"cannot write or read {path}: {os.strerror(error.errno)} ({name}); "
+            f"{_OS_FIXES[name]}.")
+
+
+# ------------------------------------------------------------ output folders
+class OutDirTakenError(SettingsError):
+    """--out_dir already holds the results of an earlier run."""
+
+
+def claim_out_dir(out_dir: str, result_file: str):
+    """Locks `out_dir` for this run (like a workdir) and refuses one that holds results.
+
+    Returns the held `WorkdirLock` (release it when the files are written).
+    Call on the writing process only.
+
+    Raises:
+      WorkdirLockedError: another run writes into `out_dir` now.
+      OutDirTakenError: `out_dir/result_file` exists (an earlier run's results
+        are never overwritten silently).
+      NotADirectoryError: `out_dir` (or a folder above it) is a file.
+    """
+    from vsml_jax.training.workdir import WorkdirLock
+    lock = WorkdirLock(out_dir, flag="--out_dir").acquire()
+    existing = os.path.join(lock.workdir, result_file)
+    if os.path.exists(existing):
+        lock.release()
+        raise OutDirTakenError(
+            f"--out_dir={out_dir} already holds {result_file} of an earlier run; choose "
+            f"another --out_dir, or move {existing} away to replace it.")
+    return lock

@@ -42,213 +42,41 @@ and a cloned-backprop checkpoint gives the comparison of fig. 5.
 `meta_test` writes, on process 0 only, OUT_DIR/summary.json (metrics
 mean/std/per-seed, settings, sweep tables, parameter counts, configs,
 held-out curves, and under "data" the folder / file each data set was read
-from), OUT_DIR/curves.npz (per-seed curves), OUT_DIR/fig6.png (cumulative
-online accuracy vs examples seen, one panel per dataset),
-OUT_DIR/window_accuracy.png (accuracy over the last `window` steps) and, with
-`test_every`, OUT_DIR/test_accuracy.png (held-out accuracy vs examples seen),
-and prints a table. The computations run on every process.
+from), OUT_DIR/curves.npz (per-seed curves) and the figures, named after the
+learner and the data sets (`figure_stem`, e.g.
+pretrained_mnist_on_mnist_fashion_mnist): STEM.png (cumulative online
+accuracy vs examples seen, one panel per dataset), STEM_window_accuracy.png
+(accuracy over the last `window` steps) and, with `test_every`,
+STEM_test_accuracy.png (held-out accuracy vs examples seen); summary.json's
+"files" lists them. It prints a table. The `checkpoint` learner is named in
+tables and plots by `label`, else by `checkpoint_label` (pretrained:NAME, or
+a workdir's folder name). The computations run on every process.
+
+Three modules: this one loads learners and data and runs the meta-test;
+`evaluate_settings` holds `EvaluateConfig` and the checks of its settings,
+`evaluate_report` the names, tables and files written (`write_report`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from vsml_jax.baselines import nonparametric
-from vsml_jax.runs.common import SettingsError, check_choices, check_ranges
-
-GD_KINDS = ("adam", "sgd", "tanh_sgd")
-NONPARAMETRIC_KINDS = nonparametric.METHODS
-CHECKPOINT_KINDS = ("meta_rnn", "hebbian", "vsml")
-SPLITS = ("train", "test")
-PANEL_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
-# 1-nearest neighbour keeps every example of every seed's stream in memory.
-NEAREST_NEIGHBOUR_MAX_BYTES = 8 * 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
-    """Everything that defines a meta-test (the flags of experiments.evaluate).
-
-    `split` None is the flag's default: "test", or with `test_every` > 0 the
-    split other than `test_split` (the streams never contain the held-out
-    images). `pool` -1 takes the pooling `checkpoint` was trained with.
-    `tanh_sgd_lr` is "" (sweep `lrs`), a number, or "clone".
-    """
-    checkpoint: Optional[str] = None
-    label: Optional[str] = None
-    datasets: Tuple[str, ...] = ("mnist", "fashion_mnist")
-    data_dir: Optional[str] = None
-    download: bool = False
-    baselines: Tuple[str, ...] = ("adam",)
-    episode_length: int = 1000
-    seeds: int = 10
-    seed_offset: int = 0
-    split: Optional[str] = None
-    pool: int = -1
-    input_size: int = 0
-    shuffle_pixels: int = -1
-    stream_batch: int = 0
-    lrs: Tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
-    sweep_seeds: int = 3
-    sweep_seed_offset: int = 1_000_000
-    sweep_split: str = "train"
-    sweep_length: int = 0
-    tanh_sgd_lr: str = ""
-    tanh_sgd_init_scale: float = 1.0
-    test_every: int = 0
-    test_examples: int = 1000
-    test_split: str = "test"
-    gd_hidden: Tuple[int, ...] = ()
-    checkpoints: Tuple[int, ...] = (100, 500, 1000, 2000)
-    window: int = 100
-    chunk_size: int = 1000
-
-    def __post_init__(self):
-        check_choices(self, {"split": SPLITS, "sweep_split": SPLITS, "test_split": SPLITS})
-        check_ranges(self, {
-            "episode_length": (1, None), "seeds": (1, None), "seed_offset": (0, None),
-            "pool": (-1, None), "input_size": (0, None), "shuffle_pixels": (-1, None),
-            "stream_batch": (0, None), "sweep_seeds": (1, None),
-            "sweep_seed_offset": (0, None), "sweep_length": (0, None),
-            "tanh_sgd_init_scale": (0, None), "test_every": (0, None),
-            "test_examples": (1, None), "window": (1, None), "chunk_size": (1, None)})
-        if self.pool == 0:
-            raise ValueError("--pool=0: give a pooling factor (1, 2 or 4) or -1 (the "
-                             "--checkpoint's).")
-        _check_ints("checkpoints", self.checkpoints, "step counts >= 1, e.g. 100,500")
-        _check_ints("gd_hidden", self.gd_hidden, "layer sizes >= 1, e.g. 100 or 100,50")
-        check_dataset_specs(self.datasets)
-        baselines = parse_baselines(self.baselines)
-        if not self.checkpoint and not baselines:
-            raise ValueError("nothing to evaluate: give --checkpoint and/or --baselines.")
-        if (self.seed_offset < self.sweep_seed_offset + self.sweep_seeds
-                and self.sweep_seed_offset < self.seed_offset + self.seeds):
-            raise ValueError("the sweep seeds overlap the reported seeds; move "
-                             "--sweep_seed_offset past --seed_offset + --seeds.")
-        if self.pool > 0 or self.input_size:  # else the checkpoint's pool (meta_test)
-            resolve_input_size(self.input_size, self.pool)
-        tanh_fixed = self.tanh_sgd_lr.strip() != ""
-        if tanh_fixed:
-            fixed_tanh_sgd_lr(self, None, check_only=True)
-        for lr in self.lrs:
-            if (isinstance(lr, bool) or not isinstance(lr, numbers.Real)
-                    or not math.isfinite(lr) or lr < 0):
-                raise ValueError(f"--lrs={','.join(map(str, self.lrs))}: give learning "
-                                 "rates as finite numbers >= 0.")
-        if not self.lrs and any(k in ("adam", "sgd") or (k == "tanh_sgd" and not tanh_fixed)
-                                for _, k, _ in baselines):
-            raise ValueError("--lrs is empty; give the learning rate(s) of the "
-                             "online-backprop baselines.")
-        if self.test_every and self.split == self.test_split:
-            raise ValueError(
-                f"--split={self.split} and --test_split={self.test_split}: the streams "
-                "would contain the held-out images; draw the streams from another split "
-                "(e.g. --split=train) or leave --split unset.")
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def stream_split(self) -> str:
-        """The split the streams come from: with held-out tests never the test split."""
-        if self.split is not None:
-            return self.split
-        if self.test_every:
-            return "train" if self.test_split != "train" else "test"
-        return "test"
-
-
-def _check_ints(name: str, values: Sequence[Any], want: str) -> None:
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"--{name}={','.join(map(str, values))}: give {want}.")
-
-
-def parse_baselines(specs: Sequence[str], taken: Tuple[str, ...] = ()
-                    ) -> List[Tuple[str, str, str]]:
-    """[(method label, kind, path or "")] from the `baselines` entries.
-
-    An entry is KIND or KIND:PATH, optionally prefixed by "LABEL=" (the name in
-    tables and plots). Labels are unique, also against `taken` (the
-    --checkpoint learner's label): a second "vsml" becomes "vsml_2".
-    SettingsError for an entry that is not understood.
-    """
-    out, labels = [], set(taken)
-    for spec in specs:
-        name, _, rest = spec.rpartition("=")
-        kind, _, path = rest.partition(":")
-        if not ((kind in GD_KINDS + NONPARAMETRIC_KINDS and not path)
-                or (kind in CHECKPOINT_KINDS and path)):
-            raise SettingsError(
-                f"--baselines entry {spec!r} is not understood; use "
-                f"{', '.join(GD_KINDS + NONPARAMETRIC_KINDS)} "
-                f"or KIND:PATH with KIND in {', '.join(CHECKPOINT_KINDS)} (e.g. "
-                "meta_rnn:/path/to/meta_train/workdir), optionally as LABEL=KIND[:PATH].")
-        if name and name in labels:
-            raise SettingsError(f"--baselines: the label {name!r} is used twice.")
-        label, n = name or kind, 2
-        while label in labels:
-            label, n = f"{kind}_{n}", n + 1
-        labels.add(label)
-        out.append((label, kind, path))
-    return out
-
-
-def check_memory_of_nearest_neighbour(baselines, seeds: int, examples: int,
-                                      input_size: int) -> None:
-    """SettingsError if the nearest_neighbour baseline's memories would not fit."""
-    if not any(kind == "nearest_neighbour" for _, kind, _ in baselines):
-        return
-    size = seeds * examples * input_size * 4
-    if size > NEAREST_NEIGHBOUR_MAX_BYTES:
-        raise SettingsError(
-            f"the nearest_neighbour baseline would hold {seeds} seeds x {examples:,} "
-            f"examples x {input_size} float32 inputs = {size / 2**30:.1f} GiB; use fewer "
-            "--seeds, a shorter --episode_length or a larger --pool, or drop it from "
-            "--baselines.")
-
-
-def check_dataset_specs(datasets: Sequence[str]) -> None:
-    """SettingsError for a `datasets` entry that is no data set spec."""
-    from vsml_jax.data import split_spec
-    if not datasets:
-        raise SettingsError("--datasets is empty; name at least one data set.")
-    for spec in datasets:
-        try:
-            split_spec(spec)
-        except ValueError as e:
-            raise SettingsError(f"--datasets: {e}") from e
-
-
-def resolve_pool(config: EvaluateConfig, main) -> int:
-    """The pooling factor: `pool`, else the checkpoint's (-1 when `input_size` decides)."""
-    if config.pool > 0:
-        return config.pool
-    if config.input_size:
-        return -1  # unused: input_size decides
-    if main is None:
-        raise SettingsError("--pool (1, 2 or 4) or --input_size is needed when no "
-                            "--checkpoint is given.")
-    if main.pool is None:
-        raise SettingsError(f"cannot tell which pooling {main.source} was trained with "
-                            "(no flags.pool in learner.json); pass --pool.")
-    return main.pool
-
-
-def resolve_input_size(input_size: int, pool: int) -> int:
-    """D: `input_size`, else (28 // pool)^2; SettingsError if not a valid size."""
-    from vsml_jax.data import target_side
-    try:
-        side = target_side(input_size or None, pool)
-    except ValueError as e:
-        raise SettingsError(f"--input_size / --pool: {e}") from e
-    return side * side
+from vsml_jax.runs.common import SettingsError
+# The settings and the report live in their own modules; their names are
+# re-exported here, where callers have always found them.
+from vsml_jax.runs.evaluate_report import (  # noqa: F401
+    PANEL_TITLES, checkpoint_label, dataset_label, figure_files, figure_stem, format_table,
+    write_report)
+from vsml_jax.runs.evaluate_settings import (  # noqa: F401
+    CHECKPOINT_KINDS, GD_KINDS, NEAREST_NEIGHBOUR_MAX_BYTES, NONPARAMETRIC_KINDS, SPLITS,
+    EvaluateConfig, check_dataset_specs, check_memory_of_nearest_neighbour,
+    check_runs_on_streams, check_stream_length, fixed_tanh_sgd_lr, parse_baselines,
+    resolve_input_size, resolve_pool)
 
 
 def load_checkpoint(spec: str, input_size: Optional[int], kind: str = "",
@@ -261,53 +89,6 @@ def load_checkpoint(spec: str, input_size: Optional[int], kind: str = "",
         raise SettingsError(f"{spec} holds a {loaded.learner.name!r} learner, not "
                             f"{kind!r}; use --baselines={loaded.learner.name}:{spec}.")
     return loaded
-
-
-def fixed_tanh_sgd_lr(config: EvaluateConfig, main, check_only: bool = False
-                      ) -> Optional[float]:
-    """tanh_sgd's learning rate from `tanh_sgd_lr` (None: sweep `lrs`).
-
-    With check_only, "clone" is only checked to have a checkpoint to read.
-    """
-    spec = config.tanh_sgd_lr.strip()
-    if not spec:
-        return None
-    if spec == "clone":
-        if not config.checkpoint:
-            raise SettingsError("--tanh_sgd_lr=clone needs a cloned learner as "
-                                "--checkpoint (e.g. pretrained:backprop_clone).")
-        if check_only:
-            return None
-        from vsml_jax import evaluation
-        lr = evaluation.clone_learning_rate(main.info, main.learner.config)
-        if not np.isfinite(lr):
-            raise SettingsError(f"--tanh_sgd_lr=clone: {main.source} is not a cloned "
-                                "learner (its learner.json has no \"clone\": {\"lr\"}); "
-                                "pass the rate as a number.")
-        return lr
-    try:
-        lr = float(spec)
-    except ValueError:
-        raise SettingsError(f"--tanh_sgd_lr={spec!r}: give a number, 'clone' or nothing "
-                            "(sweep --lrs).") from None
-    if not (lr >= 0 and math.isfinite(lr)):
-        raise SettingsError(f"--tanh_sgd_lr={spec}: must be a finite number >= 0.")
-    return lr
-
-
-def check_runs_on_streams(label: str, learner, stream_batch: int, test_every: int) -> None:
-    """SettingsError if `learner` cannot take K examples per step or held-out tests."""
-    from vsml_jax.config import VSMLConfig
-    cfg = learner.config
-    if stream_batch and not (isinstance(cfg, VSMLConfig)
-                             or getattr(cfg, "native_minibatch", False)):
-        raise SettingsError(f"{label}: a {learner.name!r} learner does not define "
-                            f"batch-averaged streams; drop --stream_batch={stream_batch} "
-                            "or evaluate it in a separate run.")
-    if test_every and learner.predict is None:
-        raise SettingsError(f"{label}: a {learner.name!r} learner defines no `predict`, so "
-                            f"held-out accuracy cannot be measured; drop "
-                            f"--test_every={test_every} or evaluate it in a separate run.")
 
 
 def gd_factory(config: EvaluateConfig, kind: str, input_size: int, num_classes: int):
@@ -326,9 +107,16 @@ def load_data(config: EvaluateConfig, dataset: str, split: str, pool: int, input
     """A split at the learners' input size, with its pixels shuffled if
     `shuffle_pixels` asks for it (the same permutation for every split and
     data set of the same size)."""
-    from vsml_jax.data import make_dataset
-    data = make_dataset(dataset, split, data_dir=config.data_dir, pool=max(pool, 1),
-                        download=config.download, input_size=input_size)
+    from vsml_jax import data as vdata
+    try:
+        data = vdata.make_dataset(dataset, split, data_dir=config.data_dir,
+                                  pool=max(pool, 1), download=config.download,
+                                  input_size=input_size)
+    except (vdata.DatasetNotFoundError, vdata.DatasetFormatError, vdata.DownloadError,
+            vdata.IDXError):
+        raise
+    except ValueError as e:  # bad values (NaN pixels, 0..255 floats): one line, as
+        raise SettingsError(str(e)) from e  # meta_train and demo report them
     if config.shuffle_pixels < 0:
         return data
     perm = np.random.default_rng(config.shuffle_pixels).permutation(data.input_dim)
@@ -346,24 +134,50 @@ def held_out_data(config: EvaluateConfig, dataset: str, pool: int, input_size: i
         raise SettingsError(f"{dataset} {config.test_split}: {e}") from e
 
 
-def format_table(dataset: str, results: Dict[str, Dict[str, Any]]) -> str:
-    """The printed table of one data set: mean +- std of every metric per method."""
-    # test_acc@n for every tested step would make the table too wide; the
-    # JSON has them all, the table the final one.
-    keys = [k for k in next(iter(results.values()))["metrics"]
-            if not k.startswith("test_acc@")]
-    w = max([12] + [len(m) + 1 for m in results])
-    lines = [f"== {dataset}: mean +- std over seeds",
-             f"{'method':<{w}}" + "".join(f"{k:>20}" for k in keys)]
-    for method, res in results.items():
-        cells = "".join(f"{res['metrics'][k]['mean']:>12.4f} +-{res['metrics'][k]['std']:6.4f}"
-                        for k in keys)
-        lines.append(f"{method:<{w}}{cells}")
-    return "\n".join(lines)
+def snapshot_learner(spec: Optional[str], folder: str) -> Tuple[Optional[str], Optional[int]]:
+    """(path to read the learner from, its meta-training step or None).
+
+    A workdir's learner is rewritten at every checkpoint while its run is
+    live; it is copied once into `folder` (learner.json read before and after
+    params.msgpack must agree), so every data set is measured with one step.
+    Anything else (pretrained:NAME, a prefix) is returned as it is.
+    """
+    if not spec or not os.path.isdir(spec):
+        return spec, None
+    info_path, params_path = (os.path.join(spec, "learner.json"),
+                              os.path.join(spec, "params.msgpack"))
+    if not (os.path.exists(info_path) and os.path.exists(params_path)):
+        return spec, None
+    for _ in range(20):
+        with open(info_path, "rb") as f:
+            before = f.read()
+        with open(params_path, "rb") as f:
+            params = f.read()
+        with open(info_path, "rb") as f:
+            after = f.read()
+        if before == after:
+            break
+        time.sleep(0.2)
+    copy = os.path.join(folder, f"learner{len(os.listdir(folder))}")
+    os.makedirs(copy)
+    with open(os.path.join(copy, "learner.json"), "wb") as f:
+        f.write(after)
+    with open(os.path.join(copy, "params.msgpack"), "wb") as f:
+        f.write(params)
+    try:
+        info = json.loads(after)
+        step = (info.get("meta_training") or info.get("clone") or {}).get("steps")
+    except (ValueError, AttributeError):
+        step = None
+    return copy, step if isinstance(step, int) else None
 
 
 def meta_test(config: EvaluateConfig, out_dir: str) -> Dict[str, Any]:
     """Meta-tests the checkpoint and baselines of `config`; every process calls it.
+
+    `out_dir` is locked while written (a second run into it is refused) and
+    must not hold a summary.json yet. A workdir given as checkpoint is read
+    once (`snapshot_learner`); summary.json records the step it measured.
 
     Call `vsml_jax.runtime.start()` before. Process 0 writes the files into
     `out_dir` (see the module doc) and prints progress and tables; every
@@ -375,8 +189,47 @@ def meta_test(config: EvaluateConfig, out_dir: str) -> Dict[str, Any]:
       LearnerFileError: a learner that cannot be read or cannot run on a data
         set's input size or class count.
       DatasetNotFoundError, DatasetFormatError, DownloadError, IDXError: data.
+      WorkdirLockedError, OutDirTakenError: out_dir is in use or holds results.
     """
-    from vsml_jax import evaluation, plotting, runtime
+    import tempfile
+    from vsml_jax import runtime
+    from vsml_jax.runs.common import claim_out_dir
+    lock = claim_out_dir(out_dir, "summary.json") if runtime.is_primary() else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="vsml_eval_") as tmp:
+            checkpoint, step = snapshot_learner(config.checkpoint, tmp)
+            copies = {checkpoint: config.checkpoint}
+            baselines = []
+            for spec in config.baselines:  # [LABEL=]KIND:PATH entries read once too
+                name, eq, rest = spec.rpartition("=")
+                kind, colon, path = rest.partition(":")
+                if colon and os.path.isdir(path):
+                    copy = snapshot_learner(path, tmp)[0]
+                    copies[copy] = path
+                    spec = f"{name}{eq}{kind}:{copy}"
+                baselines.append(spec)
+            shown = {"checkpoint": config.checkpoint, "checkpoint_step": step,
+                     "baselines": list(config.baselines)}
+            c = dataclasses.replace(config, checkpoint=checkpoint,
+                                    baselines=tuple(baselines))
+            try:
+                return _meta_test(c, out_dir, shown)
+            except ValueError as e:  # name the user's folder, not the read-once copy
+                message = str(e)
+                for copy, path in copies.items():
+                    if copy and path and copy != path:
+                        message = message.replace(copy, path.rstrip("/"))
+                if message == str(e):
+                    raise
+                raise type(e)(message) from e
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _meta_test(config: EvaluateConfig, out_dir: str, shown: Dict[str, Any]
+               ) -> Dict[str, Any]:
+    from vsml_jax import evaluation, runtime
     from vsml_jax.baselines import nonparametric as nonparam
 
     c = config
@@ -393,7 +246,7 @@ def meta_test(config: EvaluateConfig, out_dir: str) -> Dict[str, Any]:
     checkpoints = [int(n) for n in c.checkpoints]
     lrs = [float(x) for x in c.lrs]
     probe = load_checkpoint(c.checkpoint, None) if c.checkpoint else None
-    main_label = (c.label or probe.learner.name) if probe else None
+    main_label = (c.label or checkpoint_label(shown["checkpoint"])) if probe else None
     baselines = parse_baselines(c.baselines, (main_label,) if probe else ())
 
     pool = resolve_pool(c, probe)
@@ -413,6 +266,8 @@ def meta_test(config: EvaluateConfig, out_dir: str) -> Dict[str, Any]:
     # the first run, so a learner that cannot take a data set fails at once.
     stream_data = {dataset: load_data(c, dataset, split, pool, input_size)
                    for dataset in c.datasets}
+    for dataset, data in stream_data.items():
+        check_stream_length(dataset, data, split, N, K, c.with_replacement, log)
     checkpoints_to_load = ([(main_label, c.checkpoint, "")] if probe is not None else [])
     checkpoints_to_load += [(label, path, kind) for label, kind, path in baselines if path]
     by_classes: Dict[Tuple[str, int], Any] = {}
@@ -428,7 +283,6 @@ def meta_test(config: EvaluateConfig, out_dir: str) -> Dict[str, Any]:
     results: Dict[str, Dict[str, Any]] = {}
     data_info: Dict[str, Dict[str, Any]] = {}
     curves: Dict[str, np.ndarray] = {}
-    cum_panels, win_panels, test_panels = {}, {}, {}
     for dataset in c.datasets:
         data = stream_data[dataset]
         num_classes = data.num_classes
@@ -515,19 +369,8 @@ def meta_test(config: EvaluateConfig, out_dir: str) -> Dict[str, Any]:
             record(label, learner, None, {"lr": best, "lr_sweep": table, "lr_source": how,
                                           "source": "online backprop"})
         results[dataset] = per_method
-        title = PANEL_TITLES.get(dataset, dataset)
-        cum_panels[title] = {m: plotting.mean_std(curves[f"{dataset}/{m}/cum_acc"])
-                             for m in per_method}
-        win_panels[title] = {m: plotting.mean_std(curves[f"{dataset}/{m}/win_acc"])
-                             for m in per_method}
-        if test_every:
-            test_panels[title] = {m: (curves[f"{dataset}/{m}/test_steps"],
-                                      curves[f"{dataset}/{m}/test_acc"]) for m in per_method}
 
-    files = {"figure": "fig6.png", "window_figure": "window_accuracy.png",
-             "curves": "curves.npz"}
-    if test_every:
-        files["test_figure"] = "test_accuracy.png"
+    files = figure_files(main_label, c.datasets, held_out=bool(test_every))
     summary = {
         "settings": {
             "checkpoint": c.checkpoint, "baselines": list(c.baselines),
@@ -536,6 +379,8 @@ def meta_test(config: EvaluateConfig, out_dir: str) -> Dict[str, Any]:
             "stream_batch": K, "data_dir": c.data_dir, "download": c.download,
             "checkpoints": checkpoints, "window": c.window, "std": "over seeds, ddof=0",
             "shuffle_pixels": c.shuffle_pixels,
+            # A stream longer than its split repeats examples only when asked.
+            "with_replacement": c.with_replacement,
             "lr_sweep": {"lrs": lrs, "seeds": sweep_seeds, "split": c.sweep_split,
                          "length": c.sweep_length or N,
                          "criterion": "mean cumulative online accuracy over the stream"},
@@ -551,33 +396,8 @@ def meta_test(config: EvaluateConfig, out_dir: str) -> Dict[str, Any]:
         "data": data_info,
         "files": files,
     }
-    if not primary:
-        return summary
-
-    xlabel = "examples seen" if not K else f"examples seen ({K} per step)"
-    side = math.isqrt(input_size)
-    title = (f"{len(seeds)} seeds (mean +- std), {side}x{side} inputs, "
-             f"{split} split streams")
-    plotting.plot_learning_curves(cum_panels, os.path.join(out_dir, files["figure"]),
-                                  xlabel=xlabel, x_scale=max(K, 1),
-                                  ylabel="cumulative online accuracy", title=title)
-    plotting.plot_learning_curves(win_panels, os.path.join(out_dir, files["window_figure"]),
-                                  xlabel=xlabel, x_scale=max(K, 1),
-                                  ylabel=f"accuracy over last {c.window} steps",
-                                  title=title)
-    if test_every:
-        plotting.plot_held_out_curves(test_panels, os.path.join(out_dir,
-                                                                files["test_figure"]),
-                                      xlabel=xlabel, x_scale=max(K, 1), title=title)
-    np.savez_compressed(os.path.join(out_dir, files["curves"]), **curves)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    for dataset, per_method in results.items():
-        print(format_table(dataset, per_method))
-    counts = next(iter(results.values()))
-    print("parameters: " + "; ".join(
-        f"{m}: {r['counts']['meta_variables']:,} meta / {r['counts']['learned_variables']:,} "
-        "learned" for m, r in counts.items()))
-    log(f"wrote {out_dir}/summary.json, " + ", ".join(files.values())
-        + f" in {time.perf_counter() - t_start:.1f} s")
+    # What was given (not the read-once copies), and the step it held.
+    summary["settings"].update(shown)
+    if primary:
+        write_report(out_dir, summary, curves, t_start)
     return summary

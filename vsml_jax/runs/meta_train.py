@@ -35,8 +35,8 @@ from absl import logging
 
 from vsml_jax.config import CELLS, PROTOCOLS, REDUCTIONS, VSMLConfig
 from vsml_jax.runs.common import (RunOutcome, SettingsError, check_choices, check_ranges,
-                                  load_checked_dataset, recent_evals, rerun_command,
-                                  write_portable)
+                                  data_fingerprint, load_checked_dataset, recent_evals,
+                                  rerun_command, where_it_runs, write_portable)
 
 GRADIENT_OPTIMIZERS = ("adam", "sgd")
 # Short names of evosax strategies (evosax 0.3 class names); any evosax class
@@ -63,8 +63,8 @@ ARCH_DEFAULTS = {
 # optimiser's learning rate, schedule and clipping.
 SAFE_TO_CHANGE = ("num_steps", "checkpoint_every", "log_every", "eval_every",
                   "data_dir", "download", "eval_datasets", "eval_length",
-                  "eval_episodes", "member_batch", "lr", "lr_decay_steps",
-                  "lr_final_fraction", "clip_norm", "es_lr")
+                  "eval_episodes", "member_batch", "micro_batch", "lr", "lr_decay_steps",
+                  "lr_final_fraction", "clip_norm", "es_lr", "max_to_keep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,9 @@ class MetaTrainConfig:
     batch_size: int = 4
     permute_labels: bool = True
     random_projection: bool = False
+    min_classes: int = 0
+    pixel_permute_prob: float = 0.0
+    min_length: int = 0
     # Meta-optimisation
     meta_optimizer: str = "adam"
     lr: float = 1e-2
@@ -113,6 +116,7 @@ class MetaTrainConfig:
     sigma_init: float = 0.1
     es_lr: float = 0.01
     member_batch: str = "auto"
+    micro_batch: int = 0
     num_steps: int = 1000
     remat: bool = True
     remat_chunk: Tuple[int, ...] = ()
@@ -120,6 +124,7 @@ class MetaTrainConfig:
     seed: int = 0
     # Bookkeeping
     checkpoint_every: int = 100
+    max_to_keep: int = 3
     log_every: int = 10
     eval_every: int = 0
     eval_datasets: Tuple[str, ...] = ("mnist", "fashion_mnist")
@@ -132,10 +137,13 @@ class MetaTrainConfig:
             "readout_scale": (0, None, "> 0"), "init_std": (0, None),
             "param_init_scale": (0, None, "> 0"), "synthetic_size": (1, None),
             "episode_length": (1, None), "batch_size": (1, None), "lr": (0, None, "> 0"),
+            "min_classes": (0, None), "pixel_permute_prob": (0, 1),
+            "min_length": (0, None),
             "lr_decay_steps": (0, None), "lr_final_fraction": (0, 1),
             "clip_norm": (0, None), "popsize": (2, None), "sigma_init": (0, None, "> 0"),
             "es_lr": (0, None, "> 0"), "num_steps": (0, None),
-            "checkpoint_every": (1, None), "log_every": (1, None),
+            "checkpoint_every": (1, None), "max_to_keep": (1, None),
+            "log_every": (1, None),
             "eval_every": (0, None), "eval_length": (1, None), "eval_episodes": (1, None),
             "seed": (0, None), "state_clip": (None, None)})
         check_choices(self, {"learner": ("vsml", "meta_rnn"), "cell": CELLS,
@@ -149,6 +157,12 @@ class MetaTrainConfig:
                 f"--meta_optimizer={self.meta_optimizer!r}: use adam, sgd or an "
                 f"evolution strategy ({', '.join(STRATEGY_NAMES)}, or an evosax class "
                 "name such as CMA_ES).")
+        if self.micro_batch and (self.micro_batch < 0 or self.batch_size % self.micro_batch
+                                 or self.meta_optimizer not in GRADIENT_OPTIMIZERS):
+            raise ValueError(
+                f"--micro_batch={self.micro_batch}: gradient accumulation (adam/sgd) in "
+                f"groups that divide --batch_size={self.batch_size}, or 0 (the whole "
+                "batch); evolution strategies use --member_batch instead.")
         if self.member_batch not in ("auto", "all") and not (
                 self.member_batch.isdigit() and int(self.member_batch) >= 1):
             raise ValueError(f"--member_batch={self.member_batch!r}: use auto, all or a "
@@ -159,6 +173,17 @@ class MetaTrainConfig:
                 f"--remat_chunk={','.join(map(str, self.remat_chunk))}: use 0, or "
                 "positive integers whose product divides --episode_length="
                 f"{self.episode_length} (e.g. 10 or 10,10).")
+        if self.min_length > self.episode_length:
+            raise ValueError(f"--min_length={self.min_length} exceeds --episode_length="
+                             f"{self.episode_length}: use 0 (off) or at most "
+                             f"{self.episode_length}.")
+        if self.min_length and not self.gradient_based:
+            raise ValueError(f"--min_length={self.min_length} weights the BPTT meta-loss; "
+                             f"--meta_optimizer={self.meta_optimizer} does not use it: "
+                             "set --min_length=0.")
+        if self.eval_every and not self.eval_datasets:
+            raise ValueError(f"--eval_every={self.eval_every} needs meta-test data sets: "
+                             "give --eval_datasets (e.g. mnist), or --eval_every=0.")
         if self.meta_optimizer == "open_es" and self.popsize % 2:
             raise ValueError(f"--popsize={self.popsize}: open_es samples antithetic pairs, "
                              f"so the population must be even (e.g. {self.popsize + 1}).")
@@ -301,10 +326,15 @@ def make_eval_fn(cfg: MetaTrainConfig, learner, params_of, mesh, input_size: int
 
 
 # ------------------------------------------------------------------ run
-def train_and_evaluate(cfg: MetaTrainConfig, workdir: str) -> RunOutcome:
+def train_and_evaluate(cfg: MetaTrainConfig, workdir: str, *,
+                       restore_step: Optional[int] = None,
+                       allow_data_change: bool = False) -> RunOutcome:
     """Meta-trains (or resumes) the run `cfg` in `workdir`; every process calls it.
 
     Call `vsml_jax.runtime.start()` before (it joins a multi-process job).
+    `restore_step`: resume from this kept checkpoint (0: from scratch), newer
+    ones moved aside; `allow_data_change`: resume on training data that differ
+    from the checkpoint's (see `vsml_jax.training.loop`).
     Returns a RunOutcome: the final meta variables (host numpy pytree), the
     steps done, and whether SIGTERM stopped the run early.
     Raises ValueError for settings that do not fit the data or devices.
@@ -313,7 +343,7 @@ def train_and_evaluate(cfg: MetaTrainConfig, workdir: str) -> RunOutcome:
         built = _build(cfg)
     except ValueError as e:  # a setting that does not fit the data or devices
         raise SettingsError(str(e)) from e
-    return _train(cfg, workdir, built)
+    return _train(cfg, workdir, built, restore_step, allow_data_change)
 
 
 @dataclasses.dataclass
@@ -325,8 +355,9 @@ class _Built:
     step_fn: Any
     eval_fn: Any
     params_of: Any   # train state -> the learner's meta variables
-    nan_advice: str
+    nan_advice: Any  # restore step -> text
     input_info: dict
+    data_fingerprint: dict
 
 
 def _build(cfg: MetaTrainConfig) -> _Built:
@@ -341,7 +372,10 @@ def _build(cfg: MetaTrainConfig) -> _Built:
     learner = build_learner(cfg, input_size, num_classes, train=True, init=init)
     spec = EpisodeSpec(length=cfg.episode_length, batch=cfg.batch_size,
                        permute_labels=cfg.permute_labels,
-                       random_projection=cfg.random_projection)
+                       random_projection=cfg.random_projection,
+                       min_classes=cfg.min_classes,
+                       pixel_permute_prob=cfg.pixel_permute_prob,
+                       min_length=cfg.min_length)
     init_params = init.params if init is not None else None
 
     if cfg.gradient_based:
@@ -352,12 +386,16 @@ def _build(cfg: MetaTrainConfig) -> _Built:
         init_fn = gradient.make_init_fn(learner, optimizer, cfg.seed, init_params)
         schedule = gradient.make_schedule(cfg.lr, cfg.lr_decay_steps, cfg.lr_final_fraction)
         step_fn = gradient.make_step_fn(learner, optimizer, train_data, spec, mesh,
-                                        schedule)
+                                        schedule, micro_batch=cfg.micro_batch)
         params_of = lambda state: state.params
-        changes = {"lr": f"{cfg.lr / 3:.3g}", **({} if cfg.clip_norm else {"clip_norm": 1})}
-        advice = ("lower the learning rate" + ("" if cfg.clip_norm else
-                                                " and clip the gradient")
-                  + f" (these settings may change on resume): `{rerun_command(changes)}`")
+        # A rate that blew the weights up at once is far too large: a third of
+        # it would too, so never suggest more than 1e-3.
+        changes = {"lr": f"{min(cfg.lr / 3, 1e-3):.3g}",
+                   **({} if cfg.clip_norm else {"clip_norm": 1})}
+        advice = lambda restore: (
+            "lower the learning rate" + ("" if cfg.clip_norm else " and clip the gradient")
+            + " (these settings may change on resume): "
+            f"`{rerun_command({**changes, 'restore_step': restore})}`")
     else:
         from vsml_jax.meta import evolution
         strategy, es_params = evolution.make_strategy(
@@ -371,10 +409,13 @@ def _build(cfg: MetaTrainConfig) -> _Built:
         step_fn = evolution.make_step_fn(learner, strategy, es_params, train_data, spec,
                                          mesh, member_batch)
         params_of = lambda state: evolution.mean_params(strategy, state)
-        advice = (f"lower the step size: `{rerun_command({'es_lr': f'{cfg.es_lr / 3:.3g}'})}`"
-                  if cfg.meta_optimizer == "open_es" else
-                  "the search diverged; start again in a new --workdir with a smaller "
-                  f"--sigma_init (e.g. {cfg.sigma_init / 3:.3g})")
+        es_lr = f"{cfg.es_lr / 3:.3g}"
+        advice = (
+            (lambda restore: "lower the step size: "
+             f"`{rerun_command({'es_lr': es_lr, 'restore_step': restore})}`")
+            if cfg.meta_optimizer == "open_es" else
+            (lambda restore: "the search diverged; start again in a new --workdir with "
+             f"a smaller --sigma_init (e.g. {cfg.sigma_init / 3:.3g})"))
 
     eval_fn = None
     if cfg.eval_every:
@@ -382,10 +423,12 @@ def _build(cfg: MetaTrainConfig) -> _Built:
         eval_fn = make_eval_fn(cfg, eval_learner, params_of, mesh, input_size, num_classes)
     input_info = {"dataset": cfg.dataset, "pool": cfg.pool, "input_size": input_size,
                   "num_classes": num_classes}
-    return _Built(mesh, learner, init_fn, step_fn, eval_fn, params_of, advice, input_info)
+    return _Built(mesh, learner, init_fn, step_fn, eval_fn, params_of, advice, input_info,
+                  data_fingerprint(train_data))
 
 
-def _train(cfg: MetaTrainConfig, workdir: str, b: _Built) -> RunOutcome:
+def _train(cfg: MetaTrainConfig, workdir: str, b: _Built, restore_step=None,
+           allow_data_change=False) -> RunOutcome:
     import jax
     from vsml_jax import runtime
     from vsml_jax.training import loop
@@ -409,14 +452,16 @@ def _train(cfg: MetaTrainConfig, workdir: str, b: _Built) -> RunOutcome:
             },
             "final_eval": recent_evals(records)})
 
-    logging.info("Meta-training %s (%s) in %s on %d devices of %d processes.",
-                 b.learner.name, cfg.meta_optimizer, workdir, b.mesh.devices.size,
-                 jax.process_count())
+    logging.info("Meta-training %s (%s) in %s on %s.", b.learner.name,
+                 cfg.meta_optimizer, workdir, where_it_runs())
     result = loop.run(workdir, b.init_fn, b.step_fn, cfg.num_steps,
                       config_dict=cfg.to_dict(), checkpoint_every=cfg.checkpoint_every,
                       log_every=cfg.log_every, eval_fn=b.eval_fn,
                       eval_every=cfg.eval_every, safe_to_change=SAFE_TO_CHANGE,
-                      mesh=b.mesh, on_checkpoint=export, nan_advice=b.nan_advice)
+                      mesh=b.mesh, on_checkpoint=export, nan_advice=b.nan_advice,
+                      max_to_keep=cfg.max_to_keep, restore_step=restore_step,
+                      checkpoint_meta={"data": b.data_fingerprint},
+                      allow_data_change=allow_data_change)
     if not result.preempted:
         export(result.state, result.step, finished=True)
         if runtime.is_primary():

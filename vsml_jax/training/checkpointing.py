@@ -18,11 +18,18 @@ the params structure (see `load_vsml_learner`).
 `restore_latest_good` resumes from the newest checkpoint that restores: a
 damaged newer one (truncated data, missing files, an empty step folder) is
 moved aside to `<checkpoints>_damaged/` and reported, never deleted.
+
+Every training checkpoint written through `save(..., meta=...)` also holds
+`<step folder>/vsml_meta.json`: the run's config, a fingerprint of its
+training data and a SHA-256 of its arrays (`state_digest`). The digest is
+checked at restore: a checkpoint whose arrays differ from what was saved
+(a flipped bit) counts as damaged, like a truncated one.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -49,11 +56,14 @@ def _quiet():
         logging.set_verbosity(level)
 
 
-def make_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def make_manager(directory: str, max_to_keep: Optional[int] = 3
+                 ) -> ocp.CheckpointManager:
     """A synchronous orbax CheckpointManager over `directory` (created if missing).
 
     Saves are synchronous so that a checkpoint is complete on disk when `save`
     returns: a crash right after cannot leave a half-written latest step.
+    `max_to_keep=None` keeps every step (the training loop prunes itself with
+    `prune`, keeping the first step too).
     """
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
@@ -61,11 +71,71 @@ def make_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, tree: Any) -> None:
-    """Saves pytree `tree` as checkpoint `step` (overwrites nothing: steps are unique)."""
+META_FILE = "vsml_meta.json"
+
+
+def state_digest(tree: Any) -> str:
+    """SHA-256 over the leaves of `tree` (dtype, shape and bytes, in tree order).
+
+    Every process must call it (a sharded leaf is gathered).
+    """
+    from vsml_jax.runtime import to_host
+    h = hashlib.sha256()
+    for x in jax.tree_util.tree_leaves(to_host(tree)):
+        x = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{x.dtype.str}{x.shape}".encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
+def save(manager: ocp.CheckpointManager, step: int, tree: Any,
+         meta: Optional[Dict[str, Any]] = None) -> None:
+    """Saves pytree `tree` as checkpoint `step` (overwrites nothing: steps are unique).
+
+    With `meta` (a JSON-ready dict, e.g. {"config", "data"}), process 0 also
+    writes it with the arrays' `state_digest` to `<step folder>/vsml_meta.json`
+    (every process must call this: the digest may gather).
+    """
     with _quiet():
         manager.save(int(step), args=ocp.args.StandardSave(tree), force=True)
         manager.wait_until_finished()
+    if meta is None:
+        return
+    record = dict(meta, digest=state_digest(tree), step=int(step))
+    if jax.process_index() == 0:
+        path = os.path.join(str(_step_path(manager, step)), META_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True, default=str)
+        os.replace(tmp, path)
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> Optional[Dict[str, Any]]:
+    """The vsml_meta.json of checkpoint `step`, or None (older checkpoints, unreadable)."""
+    try:
+        with open(os.path.join(str(_step_path(manager, step)), META_FILE)) as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def prune(manager: ocp.CheckpointManager, keep_last: int) -> List[int]:
+    """Deletes all steps but the first and the newest `keep_last`; returns the kept steps."""
+    with _quiet():
+        steps = sorted(manager.all_steps())
+        keep = set(steps[:1]) | set(steps[-keep_last:] if keep_last > 0 else [])
+        for step in steps:
+            if step not in keep:
+                manager.delete(step)
+    return sorted(keep)
+
+
+def all_steps(manager: ocp.CheckpointManager) -> List[int]:
+    """The saved steps, oldest first."""
+    with _quiet():
+        manager.reload()
+        return sorted(manager.all_steps())
 
 
 def close(manager: ocp.CheckpointManager) -> None:
@@ -105,6 +175,7 @@ class CheckpointRestoreError(RuntimeError):
 
 
 DAMAGED_SUFFIX = "_damaged"
+ROLLED_BACK_SUFFIX = "_rolled_back"  # steps set aside by a resume with --restore_step
 
 
 def _reason(error: BaseException) -> str:
@@ -131,10 +202,15 @@ def _try_restore(directory: str, step: int, abstract: Any) -> Tuple[bool, Any]:
     from the first step it restores, so after trying an empty step folder it
     fails on every other step too ("Must provide `args` of type `Composite`").
     """
-    manager = make_manager(directory)
+    manager = make_manager(directory, max_to_keep=None)
     try:
         with _quiet():
-            return True, manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+            state = manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+        meta = read_meta(manager, step)
+        if meta and meta.get("digest") and state_digest(state) != meta["digest"]:
+            return False, (f"its arrays differ from what was saved (SHA-256 mismatch "
+                           f"with {META_FILE}): the files are damaged")
+        return True, state
     except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
         return False, _reason(e)
     finally:
@@ -149,14 +225,15 @@ def _agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+def move_aside(manager: ocp.CheckpointManager, step: int,
+               suffix: str = DAMAGED_SUFFIX) -> str:
     """Moves the folder of checkpoint `step` to `<checkpoints>_damaged/<step>-<UTC time>`.
 
     Outside the manager's directory, so orbax neither lists nor prunes it.
     Returns the new path. Call on one process only.
     """
     src = _step_path(manager, step)
-    damaged = src.parent.parent / (src.parent.name + DAMAGED_SUFFIX)
+    damaged = src.parent.parent / (src.parent.name + suffix)
     damaged.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dst, n = damaged / f"{src.name}-{stamp}", 1

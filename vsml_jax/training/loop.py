@@ -22,7 +22,9 @@ and takes care of everything around them, all kept in `workdir`:
                     (num_steps, optimiser settings, ...; changes are recorded);
                     otherwise the loop refuses to continue.
     checkpoints/    orbax checkpoints of the whole train state (atomic saves,
-                    the newest `max_to_keep` kept). The newest one that
+                    the first and the newest `max_to_keep` kept, each with
+                    vsml_meta.json: config, data fingerprint, array SHA-256).
+                    The newest one that
                     restores is restored on start (damaged ones are moved
                     aside), so re-running the same command resumes the run.
     metrics.jsonl   one JSON object per line: {"step", "split", **metrics};
@@ -36,8 +38,17 @@ stopped at any point and resumed gives bit-identical params and metrics. On
 SIGTERM (preemption) every process saves at the same step and `run` returns.
 
 A non-finite loss (or a non-finite train state about to be checkpointed)
-stops the run with `FloatingPointError`; the bad state is never written, so the
-last checkpoint stays good.
+stops the run with `FloatingPointError`; the bad state is never written. The
+message names the kept steps and the newest one whose parameters gave a
+finite, not exploded meta-loss (a checkpoint can hold weights that already
+blew up: its loss is the one of the next step), to resume from with
+`restore_step` (newer steps are moved to `checkpoints_rolled_back/`, never
+deleted; step 0 starts again from `init_fn`).
+
+Every checkpoint carries the run's config and a fingerprint of its data
+(`checkpoint_meta`, see `checkpointing.save`); a resume compares them, so a
+deleted config.json or a replaced data file cannot pass silently
+(`allow_data_change` accepts new data, recorded in config.json).
 
 Example:
     result = run("/tmp/run", init_fn, step_fn, num_steps=1000,
@@ -82,6 +93,15 @@ class ConfigMismatchError(ValueError):
     """The workdir holds a run made with a different configuration."""
 
 
+class DataChangedError(ConfigMismatchError):
+    """The training data differ from those the checkpoint was trained on."""
+
+
+# A checkpoint's meta-loss (the loss of the step after it) counts as exploded
+# when it is this many times the median of the run's losses before it.
+EXPLODED_FACTOR = 100.0
+
+
 # ------------------------------------------------------------------- config
 def _normalise(config: Mapping[str, Any]) -> Dict[str, Any]:
     """JSON round trip, so tuples/lists and numpy scalars compare as stored."""
@@ -90,7 +110,9 @@ def _normalise(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 def check_and_write_config(workdir: str, config_dict: Mapping[str, Any],
                            safe_to_change: Iterable[str], has_checkpoint: bool, *,
-                           write: bool = True, step: Optional[int] = None) -> None:
+                           write: bool = True, step: Optional[int] = None,
+                           checkpoint_config: Optional[Mapping[str, Any]] = None,
+                           extra_history: Optional[Dict[str, Any]] = None) -> None:
     """Writes workdir/config.json, refusing a resume under a different config.
 
     Keys in `safe_to_change` (optimiser settings, cadences, num_steps) may
@@ -102,6 +124,10 @@ def check_and_write_config(workdir: str, config_dict: Mapping[str, Any],
       write: False only checks (what every process of a multi-process job does
         before process 0 writes).
       step: the step resumed from (recorded with the changes).
+      checkpoint_config: the config stored inside the checkpoint resumed from;
+        compared too (and used alone when config.json is missing).
+      extra_history: more to record with this resume (e.g. an accepted data
+        change), appended to "resume_changes".
     Raises:
       ConfigMismatchError naming every differing key (old -> new) when a
       checkpoint exists and a key outside `safe_to_change` differs.
@@ -109,9 +135,12 @@ def check_and_write_config(workdir: str, config_dict: Mapping[str, Any],
     path = os.path.join(workdir, CONFIG_FILE)
     new = _normalise(config_dict)
     history = []
+    if has_checkpoint and checkpoint_config is not None:
+        # The checkpoint's own config first: config.json may be gone or edited.
+        _diff_or_raise(workdir, _normalise(checkpoint_config), new, safe_to_change,
+                       "the checkpoint's own record")
     if has_checkpoint and os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = _read_config(path)
         history = old.pop(RESUME_CHANGES, [])
         safe = set(safe_to_change)
         keys = sorted(set(old) | set(new))
@@ -130,6 +159,8 @@ def check_and_write_config(workdir: str, config_dict: Mapping[str, Any],
             logging.info("Resuming %s at step %s with changed settings: %s", workdir, step,
                          "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
             history = history + [{"step": step, "changes": changes}]
+    if extra_history and write:
+        history = history + [dict(step=step, **extra_history)]
     if not write:
         return
     if history:
@@ -139,6 +170,100 @@ def check_and_write_config(workdir: str, config_dict: Mapping[str, Any],
         json.dump(new, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _read_config(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except ValueError as e:
+        raise ConfigMismatchError(
+            f"{path} is not valid JSON ({e}); the checkpoints keep their own copy of the "
+            f"config: delete {path} and run the same command again to resume.") from None
+    if not isinstance(old, dict):
+        raise ConfigMismatchError(f"{path} does not hold a JSON object; delete it and "
+                                  "run the same command again to resume.")
+    return old
+
+
+def _diff_or_raise(workdir: str, old: Dict[str, Any], new: Dict[str, Any],
+                   safe_to_change: Iterable[str], where: str) -> None:
+    old = {k: v for k, v in old.items() if k != RESUME_CHANGES}
+    safe = set(safe_to_change)
+    keys = sorted(set(old) | set(new))
+    diff = [k for k in keys if k not in safe
+            and old.get(k, "<missing>") != new.get(k, "<missing>")]
+    if diff:
+        lines = "; ".join(f"{k}: {old.get(k, '<missing>')!r} -> "
+                          f"{new.get(k, '<missing>')!r}" for k in diff)
+        raise ConfigMismatchError(
+            f"{workdir} holds a checkpoint of a run with a different configuration "
+            f"({where}: {lines}). Resume with the original settings, or use a new "
+            f"--workdir for the new configuration.")
+
+
+def check_data(workdir: str, stored: Optional[Mapping[str, Any]],
+               current: Optional[Mapping[str, Any]], allow_change: bool
+               ) -> Optional[Dict[str, Any]]:
+    """Compares the data fingerprint stored in a checkpoint with the current one.
+
+    Returns None when they agree (or either is unknown), else the changes
+    {key: [old, new]} when `allow_change`.
+    Raises:
+      DataChangedError naming what changed, unless `allow_change`.
+    """
+    if not stored or not current:
+        return None
+    stored, current = _normalise(stored), _normalise(current)
+    keys = sorted(set(stored) | set(current))
+    changes = {k: [stored.get(k), current.get(k)] for k in keys
+               if stored.get(k) != current.get(k)}
+    # Where the data lie may change (--data_dir is safe to change): only
+    # what they hold counts, the place is named when that differs.
+    if set(changes) <= {"source"}:
+        return None
+    lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    if not allow_change:
+        raise DataChangedError(
+            f"the training data differ from those the checkpoint in {workdir} was "
+            f"trained on ({lines}). Restore the original data, use a new --workdir, or "
+            "add --allow_data_change to continue on the new data (recorded in "
+            "config.json).")
+    logging.warning("Continuing %s on changed training data (--allow_data_change): %s",
+                    workdir, lines)
+    return changes
+
+
+def check_same_config(config_dict: Mapping[str, Any]) -> None:
+    """Refuses a multi-process job whose processes were given different settings.
+
+    Every process hashes each config entry; the hashes are gathered and the
+    entries that differ are named (without this, the first collective of
+    differently shaped programs fails as an anonymous "collective mismatch").
+    """
+    if jax.process_count() == 1:
+        return
+    import hashlib
+    from jax.experimental import multihost_utils
+    config = _normalise(config_dict)
+    keys = sorted(config)
+    digest = lambda item: int(hashlib.sha256(json.dumps(item, sort_keys=True).encode())
+                              .hexdigest()[:7], 16)
+    counts = multihost_utils.process_allgather(np.asarray([len(keys), digest(keys)],
+                                                          np.int32))
+    if not np.all(counts == counts[0]):
+        raise ConfigMismatchError(
+            "the processes of this job run different versions of the code (their "
+            "settings have different names); start every process from the same checkout.")
+    hashes = multihost_utils.process_allgather(
+        np.asarray([digest([k, config[k]]) for k in keys], np.int32))
+    differ = [k for i, k in enumerate(keys) if not np.all(hashes[:, i] == hashes[0, i])]
+    if differ:
+        mine = "; ".join(f"--{k}={config[k]!r}" for k in differ)
+        raise ConfigMismatchError(
+            f"the processes of this job were started with different settings: "
+            f"{', '.join(differ)} (process {jax.process_index()} has {mine}). Start "
+            "every process with the same flags.")
 
 
 def _to_floats(metrics: Mapping[str, Any]) -> Metrics:
@@ -197,8 +322,11 @@ def run(workdir: str, init_fn: Callable[[], Any],
         safe_to_change: Iterable[str] = DEFAULT_SAFE_TO_CHANGE,
         max_to_keep: int = 3, mesh: Optional[jax.sharding.Mesh] = None,
         on_checkpoint: Optional[Callable[[Any, int], None]] = None,
-        nan_advice: str = "lower the learning rate (or sigma) or enable gradient "
-                          "clipping, and run the same command again") -> RunResult:
+        nan_advice: Any = "lower the learning rate (or sigma) or enable gradient "
+                          "clipping, and run the same command again",
+        restore_step: Optional[int] = None,
+        checkpoint_meta: Optional[Mapping[str, Any]] = None,
+        allow_data_change: bool = False) -> RunResult:
     """Runs (or resumes) training in `workdir` up to `num_steps` steps.
 
     Every process of a multi-process job calls it with the same arguments:
@@ -223,13 +351,20 @@ def run(workdir: str, init_fn: Callable[[], Any],
       loss_key: the metric checked for NaN/inf and shown in the log.
       safe_to_change: config keys allowed to differ on resume (the change is
         logged and recorded in config.json).
-      max_to_keep: number of checkpoints kept.
+      max_to_keep: number of newest checkpoints kept (the first one is kept too).
       mesh: the device mesh of the run; the state is kept replicated on it.
       on_checkpoint: (state, step) -> None, called on every process after every
         save (e.g. to write the portable learner of that step: computations on
         the state must run on all processes; write files only on process 0).
       nan_advice: what to do when the loss turns NaN/inf (in the error), e.g.
-        the command to run, completing "To resume from it, ...".
+        the command to run, completing "To resume from it, ..."; or a
+        function (step to restore, 0 = from scratch) -> such a text.
+      restore_step: resume from this kept step (0: from `init_fn`); newer
+        steps are moved to `checkpoints_rolled_back/`.
+      checkpoint_meta: {"data": fingerprint of the training data, ...} stored
+        (with config_dict and an array checksum) in every checkpoint.
+      allow_data_change: resume even when checkpoint_meta["data"] differs from
+        the checkpoint's (recorded in config.json).
     Returns:
       RunResult (the final state, its step, whether SIGTERM stopped the run).
     Raises:
@@ -241,6 +376,7 @@ def run(workdir: str, init_fn: Callable[[], Any],
         raise ValueError(f"run: need num_steps >= 0, checkpoint_every >= 1, "
                          f"log_every >= 1, eval_every >= 0; got {num_steps}, "
                          f"{checkpoint_every}, {log_every}, {eval_every}.")
+    check_same_config(config_dict)  # first: differing flags break collectives obscurely
     primary = runtime.is_primary()
     lock = workdir_lib.WorkdirLock(workdir) if primary else None
     if primary:
@@ -250,7 +386,8 @@ def run(workdir: str, init_fn: Callable[[], Any],
     try:
         return _run_locked(workdir, init_fn, step_fn, num_steps, config_dict,
                            checkpoint_every, log_every, eval_fn, eval_every, loss_key,
-                           safe_to_change, max_to_keep, mesh, on_checkpoint, nan_advice)
+                           safe_to_change, max_to_keep, mesh, on_checkpoint, nan_advice,
+                           restore_step, checkpoint_meta, allow_data_change)
     finally:
         if lock is not None:
             lock.release()
@@ -258,29 +395,38 @@ def run(workdir: str, init_fn: Callable[[], Any],
 
 def _run_locked(workdir, init_fn, step_fn, num_steps, config_dict, checkpoint_every,
                 log_every, eval_fn, eval_every, loss_key, safe_to_change, max_to_keep,
-                mesh, on_checkpoint, nan_advice) -> RunResult:
+                mesh, on_checkpoint, nan_advice, restore_step, checkpoint_meta,
+                allow_data_change) -> RunResult:
     primary = runtime.is_primary()
     if mesh is not None:
         init_fn = jax.jit(init_fn, out_shardings=jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec()))
     state = strong_types(init_fn())
+    # Pruned by `checkpointing.prune` after each save: the first step stays.
     manager = checkpointing.make_manager(os.path.join(workdir, CHECKPOINT_DIR),
-                                         max_to_keep=max_to_keep)
+                                         max_to_keep=None)
+    if restore_step is not None:
+        _roll_back(manager, workdir, restore_step, primary)
+    meta = {"config": _normalise(config_dict), **dict(checkpoint_meta or {})}
     # Every process compares the stored config (read-only) before anything is
     # restored (a checkpoint of another architecture would not restore) and
     # before process 0 rewrites it, so all refuse a mismatch alike.
-    has_checkpoint = checkpointing.latest_step(manager) is not None
-    check_and_write_config(workdir, config_dict, safe_to_change, has_checkpoint,
-                           write=False)
+    latest = checkpointing.latest_step(manager)
+    stored = checkpointing.read_meta(manager, latest) if latest is not None else None
+    stored = stored or {}
+    check_and_write_config(workdir, config_dict, safe_to_change, latest is not None,
+                           write=False, checkpoint_config=stored.get("config"))
+    data_change = check_data(workdir, stored.get("data"), meta.get("data"),
+                             allow_data_change)
     start, restored = _restore(manager, workdir, state, primary)
     runtime.sync("vsml_jax:config_checked")
     if primary:
-        check_and_write_config(workdir, config_dict, safe_to_change, start is not None,
-                               step=start)
+        check_and_write_config(
+            workdir, config_dict, safe_to_change, start is not None, step=start,
+            extra_history={"data_change": data_change} if data_change else None)
     if restored is not None:
         state = restored
     start = start or 0
-    last_saved = start if start else None
     if primary:
         metrics_lib.truncate_metrics(workdir, start)
     if start >= num_steps:
@@ -289,12 +435,17 @@ def _run_locked(workdir, init_fn, step_fn, num_steps, config_dict, checkpoint_ev
         checkpointing.close(manager)
         return RunResult(state, start)
 
+    def stop_advice(bad_step, bad_loss):
+        writer.flush()
+        return _last_good(manager, workdir, nan_advice, bad_step, bad_loss)
+
     def save(step, state):
         if not _all_finite(state):
             raise FloatingPointError(
-                f"the train state at step {step} contains NaN/inf and was not saved; "
-                f"{_last_good(last_saved, workdir, nan_advice)}")
-        checkpointing.save(manager, step, state)
+                f"the train state at step {step} contains NaN/inf and was not saved. "
+                f"{stop_advice(step, float('nan'))}")
+        checkpointing.save(manager, step, state, meta)
+        checkpointing.prune(manager, max_to_keep)  # collective, like the save
         if on_checkpoint is not None:
             on_checkpoint(state, step)
 
@@ -315,10 +466,9 @@ def _run_locked(workdir, init_fn, step_fn, num_steps, config_dict, checkpoint_ev
             metrics = _to_floats(metrics)
             loss = metrics.get(loss_key, float("nan"))
             if not math.isfinite(loss):
-                writer.flush()
                 raise FloatingPointError(
                     f"{loss_key} is {loss} at step {step}; training stopped and this "
-                    f"state was not saved. {_last_good(last_saved, workdir, nan_advice)}")
+                    f"state was not saved. {stop_advice(step, loss)}")
             state = new_state
             writer.write(step, "train", metrics)
             window.append(loss)
@@ -337,7 +487,6 @@ def _run_locked(workdir, init_fn, step_fn, num_steps, config_dict, checkpoint_ev
             if step % checkpoint_every == 0 or step == num_steps or preempted:
                 writer.flush()
                 save(step, state)
-                last_saved = step
             if preempted:
                 logging.warning(
                     "Preempted (SIGTERM): saved the checkpoint of step %d in %s and "
@@ -372,13 +521,61 @@ def _format(values: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={values[k]:.4f}" for k in sorted(values, key=order))
 
 
-def _last_good(last_saved: Optional[int], workdir: str, advice: str) -> str:
-    if last_saved is None:
-        return f"No checkpoint was written yet in {workdir}. To start again, {advice}."
-    return (f"The last good checkpoint (step {last_saved}) is intact in {workdir}. To "
-            f"resume from it, {advice}. "
+def _roll_back(manager, workdir: str, restore_step: int, primary: bool) -> None:
+    """Moves the checkpoints newer than `restore_step` to checkpoints_rolled_back/."""
+    steps = checkpointing.all_steps(manager)
+    if restore_step < 0 or (restore_step and restore_step not in steps):
+        raise ConfigMismatchError(
+            f"--restore_step={restore_step}: {workdir} keeps the checkpoints of steps "
+            f"{steps or 'none'}; give one of them, or 0 to start again from scratch.")
+    newer = [s for s in steps if s > restore_step]
+    if primary:
+        for s in newer:
+            logging.warning("--restore_step=%d: moved the checkpoint of step %d to %s.",
+                            restore_step, s, checkpointing.move_aside(
+                                manager, s, checkpointing.ROLLED_BACK_SUFFIX))
+    runtime.sync("vsml_jax:rolled_back")
+    with checkpointing._quiet():
+        manager.reload()
+
+
+def good_steps(steps, losses: Mapping[int, float], bad_step: int) -> list:
+    """The kept `steps` whose parameters gave a finite, not exploded meta-loss.
+
+    The parameters saved at step s are those the loss of step s + 1 was
+    computed with; a step whose next loss is unknown, non-finite, at or after
+    `bad_step`, or exploded does not pass. A loss is exploded when it is over
+    EXPLODED_FACTOR times the median of the last 50 healthy (not exploded)
+    losses before it, so a run of huge losses cannot raise its own bar.
+    Newest first.
+    """
+    healthy, ok = [], {}
+    for k in sorted(losses):
+        v = losses[k]
+        ok[k] = math.isfinite(v) and not (healthy and abs(v) > EXPLODED_FACTOR * max(
+            abs(float(np.median(healthy[-50:]))), 1e-6))
+        if ok[k]:
+            healthy.append(v)
+    return [s for s in sorted(steps, reverse=True) if s + 1 < bad_step and ok.get(s + 1)]
+
+
+def _last_good(manager, workdir: str, advice: Any, bad_step: int, bad_loss: float) -> str:
+    """The part of a NaN stop's message that says which state to go back to, and how."""
+    steps = checkpointing.all_steps(manager)
+    losses = {r["step"]: r.get("loss", float("nan"))
+              for r in read_metrics(workdir) if r.get("split") == "train"}
+    good = good_steps(steps, losses, bad_step)
+    target = good[0] if good else 0
+    text = advice(target) if callable(advice) else advice
+    kept = (f"Kept checkpoints in {workdir}: steps {steps}." if steps else
+            f"No checkpoint was written in {workdir}.")
+    if not good:
+        why = (" None of them gave a finite, not exploded meta-loss." if steps else "")
+        return f"{kept}{why} To start again from step 0, {text}."
+    return (f"{kept} The newest whose parameters gave a finite, not exploded meta-loss "
+            f"is step {target}. To resume from it, {text}. "
             f"`python -m experiments.evaluate --checkpoint={workdir}` meta-tests the "
-            f"learner of step {last_saved}.")
+            f"newest learner written.")
 
 
 def _eta(seconds: float) -> str:

@@ -86,7 +86,7 @@ class WorkdirLockedError(RuntimeError):
 
 
 # ------------------------------------------------------------------ workdir
-def prepare_workdir(path: str) -> str:
+def prepare_workdir(path: str, flag: str = "--workdir") -> str:
     """Creates the run folder `path` (and its parents) if missing; returns its absolute path.
 
     Raises:
@@ -96,16 +96,24 @@ def prepare_workdir(path: str) -> str:
     path = os.path.abspath(os.fspath(path))
     try:
         os.makedirs(path, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
+    except (FileExistsError, NotADirectoryError, FileNotFoundError) as e:
         blocker = path
-        while blocker and not os.path.exists(blocker):
+        while blocker and not os.path.lexists(blocker):
             blocker = os.path.dirname(blocker)
-        what = (f"--workdir {path}" if blocker == path else
-                f"{blocker}, a folder above --workdir {path},")
+        if os.path.islink(blocker) and not os.path.exists(blocker):
+            raise NotADirectoryError(
+                errno.ENOENT,
+                f"{blocker} is a symbolic link to {os.readlink(blocker)}, which does not "
+                f"exist: create that folder, remove the link, or choose another path.",
+                blocker) from e
+        if isinstance(e, FileNotFoundError):
+            raise
+        what = (f"{flag} {path}" if blocker == path else
+                f"{blocker}, a folder above {flag} {path},")
         raise NotADirectoryError(
             errno.ENOTDIR,
-            f"{what} is an existing file, not a folder: a run's workdir is a folder "
-            f"that holds its checkpoints and metrics. Choose another --workdir, or "
+            f"{what} is an existing file, not a folder: a run's {flag[2:]} is a folder "
+            f"that holds its files. Choose another {flag}, or "
             f"move the file {blocker} away.", blocker) from e
     return path
 
@@ -202,6 +210,16 @@ def describe_holder(holder: Optional[Dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------ lock
+_HELD: set = set()  # the locks this process holds (for release_all)
+
+
+def release_all() -> None:
+    """Releases every lock this process holds (e.g. before an immediate exit on SIGTERM)."""
+    for lock in list(_HELD):
+        with contextlib.suppress(Exception):
+            lock.release()
+
+
 class WorkdirLock:
     """Exclusive ownership of a run folder through `<workdir>/.lock`.
 
@@ -209,8 +227,9 @@ class WorkdirLock:
     the file only if it is still this object's. A context manager too.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, flag: str = "--workdir"):
         self.workdir = os.path.abspath(os.fspath(workdir))
+        self.flag = flag  # the flag that named the folder, for messages
         self.path = os.path.join(self.workdir, LOCK_FILE)
         self._record: Optional[Dict[str, Any]] = None
 
@@ -231,13 +250,14 @@ class WorkdirLock:
         """
         if self.held:
             return self
-        prepare_workdir(self.workdir)
+        prepare_workdir(self.workdir, self.flag)
         # Three rounds: a takeover can lose the following O_EXCL to a third
         # run that started meanwhile; that run then holds the lock legitimately.
         for _ in range(3):
             record = _my_record()
             if self._create(record):
                 self._record = record
+                _HELD.add(self)
                 return self
             raw, holder = self._read_settled()
             if raw is None:
@@ -267,6 +287,7 @@ class WorkdirLock:
         if self._record is None:
             return
         token, self._record = self._record["token"], None
+        _HELD.discard(self)
         _, holder = self._read()
         if holder is None or holder.get("token") != token:
             logging.warning("The lock %s is no longer this run's (now: %s); left in place.",
@@ -361,12 +382,12 @@ class WorkdirLock:
     def _message(self, holder: Optional[Dict[str, Any]], why: Optional[str]) -> str:
         who = describe_holder(holder)
         if why is None:
-            head = f"The workdir {self.workdir} is in use by another run ({who})."
-            fix = ("Wait for that run to finish, or use another --workdir. If you are "
+            head = f"The {self.flag[2:]} {self.workdir} is in use by another run ({who})."
+            fix = (f"Wait for that run to finish, or use another {self.flag}. If you are "
                    f"sure it is dead, delete the lock file {self.path}.")
         else:
-            head = f"The workdir {self.workdir} is locked by {who}: {why}."
-            fix = ("If no run uses this workdir any more, delete the lock file "
+            head = f"The {self.flag[2:]} {self.workdir} is locked by {who}: {why}."
+            fix = (f"If no run uses this {self.flag[2:]} any more, delete the lock file "
                    f"{self.path}; otherwise wait for that run to finish, or use another "
-                   "--workdir.")
+                   f"{self.flag}.")
         return f"{head} {fix}"
