@@ -25,6 +25,7 @@ seed's initial state (`evaluation.init_key`). Compilation time and run speed
 are printed at the end.
 """
 import json
+import os
 import time
 
 import jax
@@ -37,6 +38,8 @@ from vsml_jax import evaluation
 from vsml_jax.baselines import online_gd
 from vsml_jax.data import make_dataset
 from vsml_jax.pretrained import LearnerFileError, load_learner
+from vsml_jax.runs.common import SettingsError
+from vsml_jax.runs.evaluate_settings import check_stream_length
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "pretrained:mnist", "The learner: a meta_train workdir "
@@ -62,7 +65,9 @@ flags.DEFINE_integer("sweep_seeds", 2, "Train-split streams per learning rate in
 
 flags.DEFINE_string("summary_json", None, "Also write the table, the learning rate and "
                     "the timings to this JSON file (docs/figures/demo_mnist.json is the "
-                    "one README.md quotes).")
+                    "one README.md quotes); an existing file is never overwritten.")
+flags.DEFINE_bool("with_replacement", False, "Allow a stream longer than the split: "
+                  "examples repeat (stated in the output and --summary_json).")
 
 # The sweep's streams: experiments.evaluate's default sweep seeds, never a
 # reported seed.
@@ -115,6 +120,9 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--compare: {', '.join(unknown)} unknown; use a subset of "
                              f"{', '.join(COMPARE)}.")
+    if FLAGS.summary_json and os.path.exists(FLAGS.summary_json):
+        raise SettingsError(f"--summary_json={FLAGS.summary_json} exists (an earlier "
+                            "run's); choose another file, or move it away to replace it.")
     probe = load(FLAGS.checkpoint)
     pool = FLAGS.pool or probe.pool or 1
     t0 = time.perf_counter()
@@ -132,6 +140,10 @@ def main(argv):
                              f"{FLAGS.dataset} has {data.num_classes}.")
 
     N, every, seed = FLAGS.episode_length, FLAGS.report_every, FLAGS.seed
+    # A longer stream would repeat examples (a memorising learner then scores
+    # far above what it learned): an error unless asked for.
+    check_stream_length(FLAGS.dataset, data, FLAGS.split, N, 0, FLAGS.with_replacement,
+                        print)
     # Seed S's stream of experiments.evaluate: [1, N, D] inputs, [1, N, C] one-hot labels.
     inputs, labels = evaluation.make_streams(data, [seed], N).materialize()
     inputs, labels = inputs[0], labels[0]
@@ -205,9 +217,15 @@ def main(argv):
             cumulative_accuracy={str(stop): [round(float(np.mean(np.concatenate(c)[:stop])), 3)
                                              for c in correct] for stop in stops},
             run_s={t: round(r, 3) for (t, *_), r in zip(methods, run_time)},
-            compile_s=round(t_compile, 3), platform=jax.devices()[0].platform)
-        with open(FLAGS.summary_json, "w") as f:
-            json.dump(summary, f, indent=1)
+            compile_s=round(t_compile, 3), platform=jax.devices()[0].platform,
+            with_replacement=FLAGS.with_replacement)
+        try:  # "x": a file another run wrote meanwhile is not overwritten either
+            with open(FLAGS.summary_json, "x") as f:
+                json.dump(summary, f, indent=1)
+        except FileExistsError:
+            raise SettingsError(f"--summary_json={FLAGS.summary_json} was written by "
+                                "another run meanwhile; this run's table is printed "
+                                "above.") from None
         print(f"wrote {FLAGS.summary_json}")
 
 

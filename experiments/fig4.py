@@ -32,6 +32,7 @@ from absl import app, flags
 from experiments import common
 
 from vsml_jax import cloning, pretrained
+from vsml_jax.runs.common import claim_out_dir
 
 flags.DEFINE_string("checkpoint", "pretrained:backprop_clone",
                     "A clone: a workdir of experiments.clone or pretrained:NAME.")
@@ -77,6 +78,15 @@ def main(argv):
     del argv
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required.")
+    # Locked while written; an out_dir with an earlier fig4.json is refused.
+    lock = claim_out_dir(FLAGS.out_dir, "fig4.json")
+    try:
+        draw()
+    finally:
+        lock.release()
+
+
+def draw():
     loaded = pretrained.load_learner(FLAGS.checkpoint)
     if "clone" not in loaded.info:
         raise app.UsageError(f"{FLAGS.checkpoint} is not a clone (its learner.json has no "

@@ -53,6 +53,7 @@ from vsml_jax import cloning, evaluation, plotting, pretrained
 from vsml_jax.baselines import online_gd
 from vsml_jax.config import VSMLConfig
 from vsml_jax.learners import vsml_learner
+from vsml_jax.runs.common import claim_out_dir
 
 flags.DEFINE_string("checkpoint", "pretrained:backprop_clone",
                     "The cloned learner: a workdir of experiments.clone or pretrained:NAME.")
@@ -253,7 +254,15 @@ def main(argv):
     del argv
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required.")
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    # Locked while written; an out_dir with an earlier fig5.json is refused.
+    lock = claim_out_dir(FLAGS.out_dir, "fig5.json")
+    try:
+        draw()
+    finally:
+        lock.release()
+
+
+def draw():
     try:
         side = vdata.target_side(FLAGS.input_size or None, FLAGS.pool)
         for ds in FLAGS.datasets:

@@ -69,12 +69,14 @@ flags.DEFINE_list("programs", None, "Compile only these programs (bptt_step, "
 flags.DEFINE_string("table", None, "Write the table of every shipped flagfile on "
                     "--table_targets (float32 and bfloat16, with --fit) to this Markdown "
                     "file, e.g. docs/accelerators.md.")
-flags.DEFINE_list("table_targets", ["tpu-v4-8", "tpu-v5e-8", "tpu-v5e-32", "gpu-h200"],
+flags.DEFINE_list("table_targets", ["tpu-v4-8", "gpu-h200", "tpu-v5e-32", "tpu-v5e-8"],
                   "Targets of --table.")
 flags.DEFINE_list("table_bfloat16_targets", ["tpu-v5e-32", "gpu-h200"], "Targets of "
                   "--table that also get the bfloat16 rows of the meta-training flagfiles.")
 flags.DEFINE_string("table_cache", "/tmp/vsml_plan_table", "Folder of --table's per-"
                     "target results; a rerun reuses them (delete it to compile anew).")
+flags.DEFINE_boolean("table_from_cache", False, "--table from the cached rows only "
+                     "(compiles nothing; rows not planned yet are left out).")
 flags.DEFINE_string("table_worker", None, "Internal to --table: plan the flagfiles "
                     "listed in this JSON file for --target and write the rows next to it.")
 
@@ -96,7 +98,7 @@ def _config():
 TRAIN_PROGRAMS = ("bptt_step", "es_generation", "clone_step")
 
 
-def _table_row(flagfile: str, dtype: Optional[str], target) -> dict:
+def _table_row(flagfile: str, dtype: Optional[str], target, extra=()) -> dict:
     """Plans the training program of one flagfile on `target` (in this process,
     whose flags are parsed anew for it) and returns its row of the table."""
     from vsml_jax.runs import plan as planner
@@ -105,18 +107,27 @@ def _table_row(flagfile: str, dtype: Optional[str], target) -> dict:
             f"--target={target.name}"]
     if dtype:
         argv.append(f"--dtype={dtype}")
+    argv += list(extra)
     init = _flag_in_file(flagfile, "init_checkpoint")
-    if init and not init.startswith("pretrained:") and not os.path.isdir(init):
-        argv.append("--init_checkpoint=")  # a workdir of an earlier stage: not here
+    if init and (dtype or not init.startswith("pretrained:")):
+        # A workdir of an earlier stage is not shipped, and a checkpoint fixes
+        # the dtype: plan such runs from scratch with the flags' architecture.
+        argv.append("--init_checkpoint=")
     FLAGS.unparse_flags()
     FLAGS(argv)
-    row = {"flagfile": os.path.basename(flagfile), "target": target.name,
+    row = {"flagfile": " ".join([os.path.basename(flagfile)] + list(extra)),
+           "target": target.name,
            "dtype": dtype or "float32", "from_scratch": bool(init) and
            "--init_checkpoint=" in argv}
     try:
         report = planner.plan(_config(), target, fit=True, programs=TRAIN_PROGRAMS)
     except (SettingsError, ValueError, app.UsageError) as e:
         row["error"] = str(e).splitlines()[0]
+        return row
+    except Exception as e:  # noqa: BLE001 - one failing run must not stop the table
+        lines = [l for l in str(e).splitlines() if l.strip()]
+        row["error"] = (f"compiling failed: {type(e).__name__}: "
+                        f"{lines[0][:200] if lines else ''}")
         return row
     p = report.programs[0]
     row.update(program=p.name, fits=p.fits, memory=p.device_memory_bytes,
@@ -145,9 +156,17 @@ def _table_worker():
     target = accelerators.get(job["target"])
     out_path = FLAGS.table_worker.replace(".job.json", ".rows.json")
     rows = []
-    for flagfile, dtype in job["rows"]:
-        print(f"{target.name}: {flagfile} {dtype or ''}", file=sys.stderr, flush=True)
-        rows.append(_table_row(flagfile, dtype, target))
+    if os.path.exists(out_path):  # resume a stopped table
+        with open(out_path) as f:
+            rows = json.load(f)
+    done = {(r["flagfile"], r["dtype"]) for r in rows}
+    for flagfile, dtype, *extra in job["rows"]:
+        extra = extra[0] if extra else []
+        name = " ".join([os.path.basename(flagfile)] + extra)
+        if (name, dtype or "float32") in done:
+            continue
+        print(f"{target.name}: {name} {dtype or ''}", file=sys.stderr, flush=True)
+        rows.append(_table_row(flagfile, dtype, target, extra))
         with open(out_path, "w") as f:  # after every row: a stopped table keeps its rows
             json.dump(rows, f, indent=1)
 
@@ -157,40 +176,57 @@ def _write_table(path: str):
     import glob
     import json
     import subprocess
-    import time
     from vsml_jax import accelerators
     os.makedirs(FLAGS.table_cache, exist_ok=True)
     files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "configs",
                                           "*.flags")))
     kinds = {f: _program_from_argv([f"--flagfile={f}"]) for f in files}
-    rows, t0 = [], time.time()
+    jobs = []  # (target, kind of run, cache name, [(flagfile, dtype, extra flags)])
     for name in FLAGS.table_targets:
-        target = accelerators.get(name)
         for kind in ("meta_train", "clone"):
-            job = [(os.path.relpath(f), None) for f in files if kinds[f] == kind]
+            job = [(os.path.relpath(f), None, []) for f in files if kinds[f] == kind]
             if kind == "meta_train" and name in FLAGS.table_bfloat16_targets:
-                job += [(os.path.relpath(f), "bfloat16") for f in files
+                job += [(os.path.relpath(f), "bfloat16", []) for f in files
                         if kinds[f] == kind]
-            stem = os.path.join(FLAGS.table_cache, f"{name}.{kind}")
-            done = []
-            if os.path.exists(stem + ".rows.json"):
-                with open(stem + ".rows.json") as f:
-                    done = json.load(f)
-            if len(done) < len(job):
-                with open(stem + ".job.json", "w") as f:
-                    json.dump({"target": name, "rows": job}, f)
-                subprocess.run([sys.executable, "-m", "experiments.plan",
-                                f"--program={kind}", f"--table_worker={stem}.job.json"],
-                               check=False)
-                with open(stem + ".rows.json") as f:
-                    done = json.load(f)
-            rows += done
+            jobs.append((name, kind, f"{name}.{kind}", job))
+    for name in PAPER_TARGETS:
+        jobs.append((name, "meta_train", f"{name}.paper",
+                     [(os.path.relpath(os.path.join(os.path.dirname(__file__), "configs",
+                                                    f)), None, extra)
+                      for f, extra in PAPER_ROWS]))
+    rows, paper = [], []
+    for name, kind, cache, job in jobs:
+        stem = os.path.join(FLAGS.table_cache, cache)
+        done = []
+        if os.path.exists(stem + ".rows.json"):
+            with open(stem + ".rows.json") as f:
+                done = json.load(f)
+        if len(done) < len(job) and not FLAGS.table_from_cache:
+            with open(stem + ".job.json", "w") as f:
+                json.dump({"target": name, "rows": job}, f)
+            subprocess.run([sys.executable, "-m", "experiments.plan", f"--program={kind}",
+                            f"--table_worker={stem}.job.json"], check=False)
+        if os.path.exists(stem + ".rows.json"):
+            with open(stem + ".rows.json") as f:
+                done = json.load(f)
+        order = {(" ".join([os.path.basename(f)] + e), d or "float32"): i
+                 for i, (f, d, e) in enumerate(job)}
+        done = sorted(done, key=lambda r: order.get((r["flagfile"], r["dtype"]), 0))
+        (paper if cache.endswith(".paper") else rows).extend(done)
     with open(path, "w") as f:
-        f.write(_markdown(rows, time.time() - t0))
-    print(f"wrote {path} ({len(rows)} rows)")
+        f.write(_markdown(rows, paper))
+    print(f"wrote {path} ({len(rows) + len(paper)} rows)")
 
 
-def _markdown(rows, seconds) -> str:
+# The paper's table-1 batch of fig. 6 (32,768 episodes of 500 steps) on 256-chip
+# slices, as it ships (remat chunks of 20) and with plain per-step remat.
+PAPER_TARGETS = ("tpu-v4-256", "tpu-v5e-256")
+PAPER_ROWS = [("fig6_mnist.flags", ["--batch_size=32768", "--episode_length=500"]),
+              ("fig6_mnist.flags", ["--batch_size=32768", "--episode_length=500",
+                                    "--remat_chunk=0"])]
+
+
+def _markdown(rows, paper) -> str:
     from vsml_jax import hlo_stats
     gb = lambda b: f"{b / 2**30:.3g}"
     out = [TABLE_HEAD.format(targets=", ".join(f"`{t}`" for t in FLAGS.table_targets),
@@ -200,13 +236,15 @@ def _markdown(rows, seconds) -> str:
            "--fit chose | kernels per while body (trips) | collectives (in loops) | "
            "step time >= |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    header = out[1:]
+
+    def add(r):
         head = (f"| {r['flagfile']}{' *' if r.get('from_scratch') else ''} | {r['target']} "
                 f"| {r['dtype']} ")
         if "error" in r:
             out.append(head + f"| — | — | — | — | — | — | {r['error']} |")
-            continue
-        chosen = r["chosen"] or ""
+            return
+        chosen = r["chosen"] or "nothing:"  # (cloning runs are not searched)
         chosen = ("—" if chosen.startswith("nothing:") else
                   chosen.replace("(the largest", "(largest"))
         kernels = ", ".join(f"{k} (x{t or '?'})" for k, t in zip(r["kernels"], r["trips"]))
@@ -215,10 +253,24 @@ def _markdown(rows, seconds) -> str:
         out.append(head + f"| {r['program']} | {'yes' if r['fits'] else '**no**'} | "
                    f"{gb(r['memory'])} ({gb(r['capacity'])}) | {chosen} | {kernels} | "
                    f"{r['collectives']} ({r['collectives_in_loops']}) | {bound} |")
+
+    for r in rows:
+        add(r)
+    if paper:
+        out += ["", "## The paper's batch on 256-chip slices", "",
+                "Figure 6's run at the paper's table-1 batch: 32,768 episodes of 500 "
+                "steps per meta-training step (`fig6_mnist.flags --batch_size=32768 "
+                "--episode_length=500`), as shipped (remat chunks of 20 steps) and with "
+                "per-step remat only (`--remat_chunk=0`), where the whole batch does "
+                "not fit and `--fit` picks the micro-batch. A chosen `--micro_batch` "
+                "runs the batch in groups of that many episodes (over all chips) "
+                "inside the step: the same gradient.", ""] + header
+        for r in paper:
+            add(r)
     out.append("")
     out.append(f"Generated by `python -m experiments.plan --table=docs/accelerators.md` "
-               f"({len(rows)} rows, {seconds / 60:.0f} min on this machine's CPU; "
-               "results cached in --table_cache).")
+               f"({len(rows) + len(paper)} rows; results cached in --table_cache, "
+               "so a rerun compiles only what is missing).")
     return "\n".join(out) + "\n"
 
 
@@ -244,15 +296,19 @@ compiles the meta-test unroll.
   eigendecomposition, trips unknown).
 - **collectives (in loops)**: all-reduces/all-gathers per step, and how many
   sit inside a loop (a collective in a time loop would cross the network T
-  times per episode; there are none).
-- **step time >=**: {formula}. XLA counts a loop body once, not once per
+  times per episode). The meta-training programs have none in a loop. The
+  cloning step has one: XLA all-reduces the V_M gradient inside the backward
+  loop of its short unroll (`--unroll_steps` trips, 4 by default), which a
+  sharded loss with one reduction after the loop would remove.
+- **step time >=**: the lower bound, {formula}. XLA counts a loop body once, not once per
   trip, so this bound is loose; it is no estimate of the real step time,
   which only a run on the hardware measures. The GPU compiler reports no
   cost analysis.
 - A row that says the batch does not split: the run's `--batch_size` (or
   `--popsize`) is not a multiple of the target's chips; change it to plan it.
 - `*`: the run continues an earlier stage's workdir (`--init_checkpoint`),
-  which is not here; it is planned from scratch with the flags' architecture.
+  which is not shipped (or, in bfloat16, a float32 learner); it is planned
+  from scratch with the flags' architecture.
 
 """
 

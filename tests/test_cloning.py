@@ -100,6 +100,54 @@ def test_bad_config_and_stage_are_rejected():
                                                                  SPEC, 4), "sideways")
     with pytest.raises(ValueError, match="lr"):
         cloning.CloneSpec(lr=0.0)
+    with pytest.raises(ValueError, match="x_repeat_prob=1.5 must be in"):
+        cloning.CloneSpec(x_repeat_prob=1.5)
+    with pytest.raises(ValueError, match="x_low=3.0 must be < x_high"):
+        cloning.CloneSpec(x_low=3.0)
+
+
+# config.json of a cloning run written before CloneConfig was derived from
+# CloneSpec (a tiny backprop run): it must still load, unchanged, to resume.
+OLD_CONFIG_JSON = {
+    "b_max": 10.0, "batch_size": 16, "bias_lr_scale": 1.0, "bwd_weight": 1.0,
+    "checkpoint_every": 1, "clip_norm": 0.0, "e_decades": 0.0, "e_max": 1.0,
+    "error_scale": 1.0, "eval_cells": 8, "eval_every": 0, "eval_long_steps": 300,
+    "fwd_unit": 1.0, "fwd_weight": 1.0, "hidden_size": 4, "huber_delta": 1.0,
+    "init_checkpoint": None, "label_prob_max": 0.5, "learned_encoding": True,
+    "log_every": 100, "logit_scale": 30.0, "lr": 0.005, "lr_decay_steps": 0,
+    "lr_final_fraction": 1.0, "max_drift": 3.0, "meta_test_layer_sizes": [4, 2],
+    "micro_ticks": 1, "msg_size": 4, "num_steps": 2, "reset_prob": 0.01, "rule_lr": 0.03,
+    "seed": 0, "stage": "backprop", "store_unit": 1.0, "store_weight": 1.0,
+    "target_scale": 20.0, "unroll_steps": 2, "w_init_std": 0.0, "w_max": 10.0,
+    "x_high": 2.83, "x_low": -0.43, "x_repeat_prob": 0.0, "x_std": 2.0}
+
+
+def test_clone_config_carries_every_spec_field_and_reads_an_old_config_json():
+    from vsml_jax.runs.clone import SPEC_RENAMES, CloneConfig
+    for f in dataclasses.fields(cloning.CloneSpec):
+        name = SPEC_RENAMES.get(f.name, f.name)
+        assert getattr(CloneConfig(), name) == f.default, name
+        # A changed value reaches the spec, in its own field and no other.
+        value = f.default + (1 if isinstance(f.default, int) else 0.5)
+        spec = CloneConfig(**{name: value}).spec()
+        assert spec == dataclasses.replace(cloning.CloneSpec(), **{f.name: value}), name
+    with pytest.raises(ValueError, match="--rule_lr=0.0 must be a positive number"):
+        CloneConfig(rule_lr=0.0)
+    with pytest.raises(ValueError, match="x_low=3.0 must be < x_high"):
+        CloneConfig(x_low=3.0)
+    old = dict(OLD_CONFIG_JSON, meta_test_layer_sizes=(4, 2))
+    assert CloneConfig(**old).to_dict() == OLD_CONFIG_JSON
+
+
+def test_experiments_clone_has_a_flag_for_every_config_field():
+    import subprocess
+    import sys
+    from vsml_jax.runs.clone import CloneConfig
+    out = subprocess.run([sys.executable, "-m", "experiments.clone", "--helpfull"],
+                         capture_output=True, text=True, check=True).stdout
+    missing = [f.name for f in dataclasses.fields(CloneConfig)
+               if f"--{f.name}:" not in out and f"--[no]{f.name}:" not in out]
+    assert not missing, f"experiments/clone.py defines no flag for {missing}"
 
 
 # ---------------------------------------------------------------- objective

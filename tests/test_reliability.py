@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ def test_second_run_on_a_live_workdir_is_refused(tmp_path):
     workdir = str(tmp_path / "run")
     first = subprocess.Popen(
         [sys.executable, "-m", "experiments.meta_train", f"--workdir={workdir}", *TINY,
-         "--num_steps=400", "--checkpoint_every=100"],
+         "--num_steps=1000000", "--checkpoint_every=100"],
         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
     while not os.path.exists(os.path.join(workdir, ".lock")):
@@ -48,6 +49,10 @@ def test_second_run_on_a_live_workdir_is_refused(tmp_path):
         time.sleep(0.05)
     second = _meta_train(f"--workdir={workdir}", *TINY, "--hidden_size=3",
                          "--num_steps=2")
+    # The first run is still live (it would take far longer than this test):
+    # stop it as a preemption would; it saves and exits 0.
+    assert first.poll() is None, "the first run ended before the second was refused"
+    first.send_signal(signal.SIGTERM)
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out[-3000:]
     assert second.returncode == 1

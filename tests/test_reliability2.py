@@ -162,6 +162,10 @@ def test_live_workdir_learner_is_read_once_with_its_step(tmp_path):
     path, step = snapshot_learner(str(run), str(snap))
     (run / "params.msgpack").write_bytes(b"p145")  # the live run writes on
     assert step == 135 and open(os.path.join(path, "params.msgpack"), "rb").read() == b"p135"
+    # A clone's learner.json counts its steps under "cloning" ("clone" is its spec).
+    (run / "learner.json").write_text(json.dumps({"clone": {"steps": 4},
+                                                  "cloning": {"steps": 7}}))
+    assert snapshot_learner(str(run), str(snap))[1] == 7
 
 
 def test_checksum_mismatch_counts_as_damage(tmp_path):
@@ -208,3 +212,170 @@ def test_processes_with_different_flags_stop_naming_them(tmp_path):
     assert [p.returncode for p in procs] == [1, 1], errs
     assert all("different settings: lr" in e for e in errs), errs[0][-2000:]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+_TINY = ("--dataset=synthetic", "--pool=4", "--synthetic_size=8", "--hidden_size=2",
+         "--msg_size=2", "--micro_ticks=1")
+
+
+def _entry(module, *args, devices=1):
+    """`python -m experiments.<module> *args` in a fresh process on `devices` CPU devices."""
+    import subprocess
+    import sys
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    env.pop("XLA_FLAGS", None)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_open_es_population_suggestion_is_even_and_divisible(tmp_path):
+    """--popsize=16 on 3 devices: the sizes offered satisfy both rules (12 or 18)."""
+    result = _entry("meta_train", f"--workdir={tmp_path / 'run'}", *_TINY,
+                    "--episode_length=2", "--batch_size=3", "--meta_optimizer=open_es",
+                    "--popsize=16", "--num_steps=1", "--eval_every=0", devices=3)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "--popsize=16 must be a multiple of the 3 devices it is split over and even" \
+        in result.stderr and "use --popsize=12 or 18" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr[-2000:]
+    from vsml_jax.meta.sharding import check_divisible, device_mesh
+    mesh3 = device_mesh(jax.devices()[:3])
+    check_divisible("--popsize", 18, mesh3, even=True)
+    with pytest.raises(ValueError, match="use --popsize=6 or 12"):
+        check_divisible("--popsize", 9, mesh3, even=True)  # 9 fits 3 devices, is odd
+    check_divisible("--batch_size", 9, mesh3)
+
+
+def test_a_step_too_big_for_memory_is_refused_before_the_run(tmp_path):
+    """~4 TB by XLA's estimate: refused in one message naming the fixes, nothing written."""
+    result = _entry("meta_train", f"--workdir={tmp_path / 'run'}", *_TINY,
+                    "--episode_length=1000000", "--batch_size=512", "--num_steps=1",
+                    "--eval_every=0")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "The training step needs about" in result.stderr
+    assert "--remat_chunk=1000" in result.stderr and "--micro_batch" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_memory_check_compiles_the_step_the_run_then_uses(tmp_path):
+    """The estimate's compilation is the run's: jit(_step) is compiled once."""
+    import logging
+    from vsml_jax.runs import meta_train as mt
+    cfg = MetaTrainConfig(dataset="synthetic", pool=4, synthetic_size=8, hidden_size=2,
+                          msg_size=2, micro_ticks=1, episode_length=2, batch_size=8,
+                          num_steps=2, eval_every=0, log_every=1)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles():
+            built = mt._build(cfg)
+            need = mt.check_memory(cfg, built)
+            mt._train(cfg, str(tmp_path / "run"), built)
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    assert need and need < 2 ** 30
+    step_compiles = [m for m in messages if m.startswith("Finished XLA compilation of "
+                                                          "jit(_step)")]
+    assert len(step_compiles) == 1, step_compiles
+
+
+def test_damaged_params_file_is_named_as_damaged_not_a_mismatch(tmp_path):
+    import vsml_jax
+    from vsml_jax.learners import vsml_learner
+    from vsml_jax.pretrained import LearnerFileError, load_learner, save_learner
+    cfg = vsml_jax.VSMLConfig(layer_sizes=(49, 10), hidden_size=2, msg_size=2, micro_ticks=1)
+    learner = vsml_learner(cfg)
+    folder = tmp_path / "run"
+    save_learner(str(folder), learner, learner.init_params(jax.random.key(0)), {"pool": 4})
+    params = folder / "params.msgpack"
+    whole = params.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"", whole + b"\x00"):
+        params.write_bytes(damaged)
+        with pytest.raises(LearnerFileError, match=r"params.msgpack is damaged .*copy it again"):
+            load_learner(str(folder))
+    # A whole file of another architecture is still a mismatch, not damage.
+    other = vsml_learner(cfg.replace(hidden_size=3))
+    save_learner(str(tmp_path / "other"), other, other.init_params(jax.random.key(0)),
+                 {"pool": 4})
+    params.write_bytes((tmp_path / "other" / "params.msgpack").read_bytes())
+    with pytest.raises(LearnerFileError, match="do not match the vsml config"):
+        load_learner(str(folder))
+    # At the entry point: one line naming the file.
+    params.write_bytes(whole[:100])
+    result = _entry("evaluate", f"--checkpoint={folder}", "--datasets=mnist",
+                    "--episode_length=10", "--seeds=1", f"--out_dir={tmp_path / 'out'}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"{params} is damaged" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr[-2000:]
+
+
+def test_figure_and_demo_outputs_are_never_overwritten(tmp_path, data_dir):
+    """fig4/fig5 out_dirs are claimed like evaluate's; demo's --summary_json is
+    never replaced; a demo stream longer than its split names both numbers."""
+    for module, result_file in (("fig4", "fig4.json"), ("fig5", "fig5.json")):
+        out = tmp_path / module
+        out.mkdir()
+        (out / result_file).write_text("earlier")
+        result = _entry(module, f"--out_dir={out}")
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert f"already holds {result_file} of an earlier run" in result.stderr
+        assert len(result.stderr.strip().splitlines()) <= 3, result.stderr[-2000:]
+        assert (out / result_file).read_text() == "earlier"
+        assert not (out / ".lock").exists()
+    summary = tmp_path / "demo.json"
+    summary.write_text("earlier")
+    result = _entry("demo", f"--summary_json={summary}", f"--data_dir={data_dir}")
+    assert result.returncode == 1 and "exists (an earlier run's)" in result.stderr
+    assert summary.read_text() == "earlier"
+    result = _entry("demo", "--episode_length=10001", f"--data_dir={data_dir}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert ("--episode_length=10001 examples is longer than the test split's 10000 "
+            "examples") in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr[-2000:]
+
+
+def test_start_up_mistakes_are_one_line(tmp_path):
+    """A coordinator without a port, non-numeric clone sizes, and npz data with a
+    NaN pixel or 0..255 floats: one message each, at the entry point."""
+    checks = [
+        (("meta_train", f"--workdir={tmp_path / 'a'}", "--coordinator_address=nohost",
+          "--num_processes=2", "--process_id=0"), "--coordinator_address='nohost': give "
+                                                  "HOST:PORT"),
+        (("clone", f"--workdir={tmp_path / 'b'}", "--meta_test_layer_sizes=a,b"),
+         "--meta_test_layer_sizes=a,b: give at least two positive sizes")]
+    images = np.linspace(0, 1, 60 * 28 * 28, dtype=np.float32).reshape(60, 28, 28)
+    labels = np.arange(60) % 10
+    nan = images.copy()
+    nan[3, 4, 5] = np.nan
+    for name, x, message in (("nan", nan, r"images[3, 4, 5] is nan"),
+                             ("255", images * 255, "look like 0..255 values")):
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, x_train=x, y_train=labels, x_test=x, y_test=labels)
+        checks.append((("evaluate", "--checkpoint=pretrained:mnist", f"--datasets=npz:{path}",
+                        "--episode_length=20", "--seeds=1",
+                        f"--out_dir={tmp_path / name}"), message))
+    for (module, *args), message in checks:
+        result = _entry(module, *args)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert message in result.stderr, result.stderr[-2000:]
+        assert len(result.stderr.strip().splitlines()) <= 2, result.stderr[-2000:]
+
+
+def test_sigterm_during_imports_exits_0(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.meta_train",
+                             f"--workdir={tmp_path / 'run'}", *_TINY], cwd=repo, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # past the interpreter's start, within the imports of JAX
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, err[-2000:]
+    assert "Stopped by SIGTERM outside a training step: nothing to save" in err

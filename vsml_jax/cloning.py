@@ -65,7 +65,7 @@ of steps is affected.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import ClassVar, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -139,25 +139,31 @@ class CloneSpec:
     x_high: float = 2.83
     label_prob_max: float = 0.5
 
+    # Each field's allowed range as (low, high[, "> 0"]): inclusive bounds,
+    # None for none, a third entry for "strictly positive"; non-finite values
+    # are always refused. vsml_jax.runs.clone checks its flags with this table.
+    RANGES: ClassVar[Dict[str, tuple]] = {
+        "target_scale": (0, None, "> 0"), "lr": (0, None, "> 0"), "x_std": (0, None, "> 0"),
+        "w_max": (0, None), "b_max": (0, None), "e_max": (0, None, "> 0"),
+        "e_decades": (0, None), "steps": (1, None), "fwd_unit": (0, None, "> 0"),
+        "store_unit": (0, None, "> 0"), "x_repeat_prob": (0, 1), "bias_lr_scale": (0, None),
+        "fwd_weight": (0, None), "store_weight": (0, None), "bwd_weight": (0, None),
+        "huber_delta": (0, None, "> 0"), "x_low": (None, None), "x_high": (None, None),
+        "label_prob_max": (0, 1, "> 0")}
+
     def __post_init__(self):
-        for name in ("target_scale", "lr", "x_std", "e_max", "fwd_unit", "store_unit",
-                     "huber_delta"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"CloneSpec: {name}={getattr(self, name)} must be > 0.")
-        for name in ("w_max", "b_max", "e_decades", "bias_lr_scale", "fwd_weight", "store_weight",
-                     "bwd_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"CloneSpec: {name}={getattr(self, name)} must be >= 0.")
-        if not 0.0 <= self.x_repeat_prob <= 1.0:
-            raise ValueError(f"CloneSpec: x_repeat_prob={self.x_repeat_prob} must be in "
-                             "[0, 1].")
-        if self.steps < 1:
-            raise ValueError(f"CloneSpec: steps={self.steps} must be >= 1.")
+        for name, (low, high, *positive) in self.RANGES.items():
+            value = getattr(self, name)
+            bad = value != value or value in (float("inf"), float("-inf"))
+            bad = bad or (low is not None and value < low) or (high is not None and value > high)
+            if bad or (positive and value <= 0):
+                want = ("> 0" if positive and high is None else
+                        f"in ({low}, {high}]" if positive else
+                        f"in [{low}, {high}]" if low is not None and high is not None else
+                        f">= {low}" if low is not None else "finite")
+                raise ValueError(f"CloneSpec: {name}={value} must be {want}.")
         if not self.x_low < self.x_high:
             raise ValueError(f"CloneSpec: x_low={self.x_low} must be < x_high={self.x_high}.")
-        if not 0.0 < self.label_prob_max <= 1.0:
-            raise ValueError(f"CloneSpec: label_prob_max={self.label_prob_max} must be in "
-                             "(0, 1].")
 
 
 def clone_config(layer_sizes=(784, 10), *, hidden_size: int = 32, msg_size: int = 4,

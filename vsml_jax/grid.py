@@ -66,24 +66,28 @@ def _project(msg: jax.Array, w: jax.Array, slots: Slots) -> jax.Array:
 
     With slots=None it is the plain matmul. With the slots known (the input
     message carries x on one slot, the error message e on one or two), it is
-    a broadcast multiply-add per slot: elementwise, so on CPU and GPU the
-    compiler fuses it into the gate computation that reads it instead of
-    launching a matmul (and the pad that builds the message) on every time
-    step. The TPU compiler instead fuses the matmul with its operands and
-    gives the slot form separate kernels for the row slices and layout
-    changes, so there it stays a matmul. The result is the same either way:
-    the other columns only contribute exact zeros.
+    a broadcast multiply-add per slot on GPU: elementwise, so the compiler
+    fuses it into the gate computation that reads it instead of launching a
+    matmul (and the pad that builds the message) on every time step. The TPU
+    compiler instead fuses the matmul with its operands and gives the slot
+    form separate kernels for the row slices and layout changes, and on CPU
+    the slot form measured slower for batches of episodes, so both keep the
+    matmul. The result is the same either way: the other columns only
+    contribute exact zeros.
     """
     if slots is None:
         return msg @ w
+    by_slots = functools.partial(_project_slots, slots=slots)
+    return jax.lax.platform_dependent(msg, w, cuda=by_slots, rocm=by_slots,
+                                      default=jnp.matmul)
 
-    def by_slots(msg, w):
-        out = jnp.zeros((msg.shape[0], w.shape[1]), jnp.result_type(msg, w))
-        for k in slots:
-            out = out + msg[:, k, None] * w[k]
-        return out
 
-    return jax.lax.platform_dependent(msg, w, tpu=jnp.matmul, default=by_slots)
+def _project_slots(msg: jax.Array, w: jax.Array, slots: Tuple[int, ...]) -> jax.Array:
+    """sum over k in slots of msg[:, k] (outer) w[k]: [N, G], the GPU form of `_project`."""
+    out = jnp.zeros((msg.shape[0], w.shape[1]), jnp.result_type(msg, w))
+    for k in slots:
+        out = out + msg[:, k, None] * w[k]
+    return out
 
 
 def neuron_preactivations(p: CellParams, cfg: VSMLConfig, fwd_in: jax.Array,

@@ -221,7 +221,7 @@ def _top_down(params: VSMLParams, layers, fwd_ins, err_msg: jax.Array, impl: str
     e_t at the top), so e_t reaches every layer within one step, as the
     backward pass of backprop does. Returns the new layer states.
     """
-    cfg, k = params.cfg, _kernel(impl)
+    cfg = params.cfg
     layers, bwd = list(layers), err_msg
     for l in reversed(range(cfg.num_layers)):
         layers[l] = _ticks(impl, params, layers, l, fwd_ins[l], bwd, l == cfg.num_layers - 1)
@@ -232,9 +232,12 @@ def _top_down(params: VSMLParams, layers, fwd_ins, err_msg: jax.Array, impl: str
 
 # Up to this many classes the softmax, loss and argmax of a step are written
 # out per class (elementwise max, exp, sums and comparisons over the C
-# columns): they fuse into one kernel per time step on an accelerator, where
+# columns) on GPU: they fuse into one or two kernels per time step, where
 # `jax.nn.log_softmax`, `jnp.sum` and `jnp.argmax` over a [C] axis are a
-# kernel each. Same formulas; sums may differ in the last bit (summation order).
+# kernel each. The TPU compiler fuses the columns worse (more bytes moved per
+# step, measured with its cost analysis), and on CPU nothing is gained, so
+# both keep the library form. Same formulas; sums may differ in the last bit
+# (summation order).
 _UNROLLED_CLASSES = 16
 
 
@@ -247,6 +250,35 @@ def _argmax_columns(cols) -> jax.Array:
     return idx
 
 
+def _outputs_library(logits: jax.Array, y: jax.Array):
+    """(log-probabilities [..., C], loss [...], correct [...]) with jax.nn / jnp."""
+    logp = jax.nn.log_softmax(logits)
+    return logp, -jnp.sum(y * logp, axis=-1), correct_from_logits(logits, y)
+
+
+def _outputs_unrolled(logits: jax.Array, y: jax.Array):
+    """`_outputs_library` written out over the C columns (elementwise ops only)."""
+    C = logits.shape[-1]
+    cols = [logits[..., k] for k in range(C)]
+    ys = [y[..., k] for k in range(C)]
+    top = cols[0]
+    for col in cols[1:]:
+        top = jnp.maximum(top, col)
+    top = jax.lax.stop_gradient(top)  # as in jax.nn.log_softmax
+    total = jnp.exp(cols[0] - top)
+    for col in cols[1:]:
+        total = total + jnp.exp(col - top)
+    logp = logits - top[..., None] - jnp.log(total)[..., None]
+    loss = -(ys[0] * logp[..., 0])
+    for k in range(1, C):
+        loss = loss - ys[k] * logp[..., k]
+    finite = jnp.isfinite(cols[0])
+    for col in cols[1:]:
+        finite = finite & jnp.isfinite(col)
+    hit = (_argmax_columns(cols) == _argmax_columns(ys)) & finite
+    return logp, loss, hit.astype(logits.dtype)
+
+
 def _outputs(cfg: VSMLConfig, logits: jax.Array, y: jax.Array
              ) -> Tuple[jax.Array, StepOutput]:
     """(e_t [..., C], StepOutput) of the prediction logits [..., C] for one-hot y.
@@ -254,30 +286,12 @@ def _outputs(cfg: VSMLConfig, logits: jax.Array, y: jax.Array
     e_t = error_scale * (softmax(logits) - y) = error_scale * d CE / d logits
     is what the next step feeds back; loss and correct as in StepOutput.
     """
-    C = logits.shape[-1]
-    if C > _UNROLLED_CLASSES:
-        logp = jax.nn.log_softmax(logits)
-        loss = -jnp.sum(y * logp, axis=-1)
-        correct = correct_from_logits(logits, y)
+    if logits.shape[-1] > _UNROLLED_CLASSES:
+        logp, loss, correct = _outputs_library(logits, y)
     else:
-        cols = [logits[..., k] for k in range(C)]
-        ys = [y[..., k] for k in range(C)]
-        top = cols[0]
-        for col in cols[1:]:
-            top = jnp.maximum(top, col)
-        top = jax.lax.stop_gradient(top)  # as in jax.nn.log_softmax
-        total = jnp.exp(cols[0] - top)
-        for col in cols[1:]:
-            total = total + jnp.exp(col - top)
-        logp = logits - top[..., None] - jnp.log(total)[..., None]
-        loss = -(ys[0] * logp[..., 0])
-        for k in range(1, C):
-            loss = loss - ys[k] * logp[..., k]
-        finite = jnp.isfinite(cols[0])
-        for col in cols[1:]:
-            finite = finite & jnp.isfinite(col)
-        hit = (_argmax_columns(cols) == _argmax_columns(ys)) & finite
-        correct = hit.astype(logits.dtype)
+        logp, loss, correct = jax.lax.platform_dependent(
+            logits, y, cuda=_outputs_unrolled, rocm=_outputs_unrolled,
+            default=_outputs_library)
     error = cfg.error_scale * (jnp.exp(logp) - y)
     return error, StepOutput(logits=logits, loss=loss, correct=correct)
 
@@ -458,13 +472,16 @@ def unroll(params: VSMLParams, state: VSMLState,
     dtype = jnp.dtype(cfg.dtype)
     inputs, labels = inputs.astype(dtype), labels.astype(dtype)
     step_fn = _batch_averaged_step if inputs.ndim == 3 else _step
-    if impl == "fast" and not __import__('os').environ.get('H4_NOSCALE'):
+    if impl == "fast":
+        # The LSTM gate scaling once, before the loop (see grid.GateScaledParams).
         params = params.replace(cells=grid.gate_scaled(params.cells, cfg))
+    # V_M enters the loop twice: as arrays to compute with and as one flat
+    # vector that receives their gradient (see _flat_grad).
     flat = jax.flatten_util.ravel_pytree(params)[0]
     fixed = jax.lax.stop_gradient(params)
 
     def body(carry, xy):
-        return step_fn(params if __import__('os').environ.get('H4_NOFLAT') else _flat_grad(fixed, flat), carry, xy[0], xy[1], impl)
+        return step_fn(_flat_grad(fixed, flat), carry, xy[0], xy[1], impl)
 
     if remat or remat_chunk:
         body = jax.checkpoint(body)

@@ -7,6 +7,8 @@
   evaluated with vmap and optionally sharded (`sharding`).
 
 Each meta-optimiser provides `make_init_fn` / `make_step_fn` for
-`vsml_jax.training.loop.run`. Submodules are imported on demand so that using
+`vsml_jax.training.loop.run`, and `make_step` (the same step as a
+`sharding.StepProgram`: the jitted function of (state, data) and its host
+data, for ahead-of-time compilation by `vsml_jax.runs.plan`). Submodules are imported on demand so that using
 one meta-optimiser does not load the others' dependencies.
 """

@@ -157,7 +157,8 @@ def make_step(learner: Learner, strategy, es_params, data: Dataset,
     member this generation), "sigma" (mean std).
     """
     if mesh is not None:
-        check_population_size(strategy.population_size, mesh)
+        check_population_size(strategy.population_size, mesh,
+                              even=isinstance(strategy, ea.Open_ES))
 
     if member_batch == "auto":
         platform = mesh.devices.flat[0].platform if mesh is not None else None
@@ -168,14 +169,19 @@ def make_step(learner: Learner, strategy, es_params, data: Dataset,
                                   member_batch)
 
     sharded_fitness = shard_population(fitness_fn, mesh)
+    # The strategy samples in float32; a learner of another dtype (e.g.
+    # bfloat16) gets its members in its own dtypes, as its unroll expects.
+    template = jax.eval_shape(learner.init_params, jax.random.PRNGKey(0))
+    as_learner = lambda tree: jax.tree_util.tree_map(
+        lambda x, t: x.astype(t.dtype), tree, template)
 
     @functools.partial(jax.jit, out_shardings=None if mesh is None else replicated(mesh))
     def _step(state: EvolutionTrainState, data: Dataset):
         key, k_ask, k_data, k_state, k_tell = jax.random.split(state.key, 5)
         population, s = strategy.ask(k_ask, state.strategy_state, es_params)
         inputs, labels = sample_batch(k_data, data, spec)
-        fitness, _ = sharded_fitness(population, k_state, inputs, labels)
-        mean = strategy.get_mean(state.strategy_state)
+        fitness, _ = sharded_fitness(as_learner(population), k_state, inputs, labels)
+        mean = as_learner(strategy.get_mean(state.strategy_state))
         mean_loss, mean_metrics = episodes_loss(learner, mean, k_state, (inputs, labels))
         s, _ = strategy.tell(k_tell, population, fitness, s, es_params)
         metrics = {"loss": mean_loss, "accuracy": mean_metrics["accuracy"],

@@ -16,6 +16,7 @@ On several processes call `vsml_jax.runtime.start()` first.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
@@ -43,23 +44,28 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_divisible(what: str, size: int, mesh: Mesh) -> None:
+def check_divisible(what: str, size: int, mesh: Mesh, even: bool = False) -> None:
     """ValueError unless `size` (e.g. --batch_size) splits evenly over the mesh.
 
-    The message names both numbers and the nearest valid sizes.
+    With `even=True` (OpenAI-ES's antithetic pairs) `size` must also be even,
+    i.e. a multiple of lcm(devices, 2). The message names both numbers and
+    the nearest valid sizes, which satisfy every rule at once.
     """
     n = mesh.devices.size
-    if size % n:
-        lower, upper = (size // n) * n, (size // n + 1) * n
+    step = n * 2 // math.gcd(n, 2) if even else n
+    if size % step:
+        lower, upper = (size // step) * step, (size // step + 1) * step
         options = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ValueError(f"{what}={size} must be a multiple of the {n} devices it is "
-                         f"split over; use {what}={options} (or run on a number of "
-                         f"devices that divides {size}).")
+        rule = f"a multiple of the {n} devices it is split over"
+        if even:
+            rule += f" and even (antithetic pairs), so a multiple of {step}"
+        raise ValueError(f"{what}={size} must be {rule}; use {what}={options} (or run "
+                         f"on a number of devices that divides {size}).")
 
 
-def check_population_size(popsize: int, mesh: Mesh) -> None:
-    """`check_divisible` for an evolution population."""
-    check_divisible("--popsize", popsize, mesh)
+def check_population_size(popsize: int, mesh: Mesh, even: bool = False) -> None:
+    """`check_divisible` for an evolution population (`even`: antithetic pairs)."""
+    check_divisible("--popsize", popsize, mesh, even)
 
 
 def shard_batch(tree, mesh: Optional[Mesh]):

@@ -235,8 +235,20 @@ def load_learner(spec: str, input_size: Optional[int] = None,
     with open(params_path, "rb") as f:
         raw = f.read()
     try:
-        params = serialization.from_bytes(template, raw)
-    except Exception as e:  # flax raises ValueError/KeyError/msgpack errors
+        # Decoding alone first: a file that is not a whole msgpack document is
+        # damaged (cut short, overwritten), whatever the config says.
+        stored = serialization.msgpack_restore(raw)
+        if not isinstance(stored, dict):
+            raise ValueError(f"holds a {type(stored).__name__}, not a parameter tree")
+    except Exception as e:  # msgpack's errors (ExtraData, ValueError, ...) vary by cause
+        cause = f"{type(e).__name__}: {e}" if raw else "the file is empty"
+        raise LearnerFileError(
+            f"{params_path} is damaged ({len(raw)} bytes; {cause}): copy it again from "
+            "where it came from, or, for a meta_train/clone workdir, run the same "
+            "command again (it rewrites the learner from the newest checkpoint).") from e
+    try:
+        params = serialization.from_state_dict(template, stored)
+    except Exception as e:  # flax raises ValueError/KeyError on another structure
         raise LearnerFileError(
             f"{params_path}: the stored parameters do not match the {name} config in "
             f"{json_path} ({type(e).__name__}: {e}).") from e

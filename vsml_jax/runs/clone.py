@@ -31,20 +31,40 @@ from typing import Optional, Tuple
 import numpy as np
 from absl import logging
 
+from vsml_jax import cloning
 from vsml_jax.runs.common import (RunOutcome, SettingsError, check_choices, check_ranges,
                                   recent_evals, rerun_command, where_it_runs,
                                   write_portable)
 
-STAGES = ("forward", "backprop", "nearest_mean")
+STAGES = cloning.STAGES
 # Settings that may change on resume (recorded in config.json).
 SAFE_TO_CHANGE = ("num_steps", "checkpoint_every", "log_every", "eval_every",
                   "eval_cells", "eval_long_steps", "lr", "lr_decay_steps",
                   "lr_final_fraction", "clip_norm")
+# CloneSpec field -> CloneConfig field (and flag) where the names differ: the
+# run's own `lr` (Adam) and `num_steps` would otherwise be ambiguous.
+SPEC_RENAMES = {"lr": "rule_lr", "steps": "unroll_steps"}
+
+
+def _config_name(spec_field: str) -> str:
+    return SPEC_RENAMES.get(spec_field, spec_field)
+
+
+# What is cloned, on which data: every field of cloning.CloneSpec (renamed as
+# above, same defaults), so that a field added there is a flag, a config.json
+# entry and part of `spec()` without being listed again.
+_CloneSpecFields = dataclasses.make_dataclass(
+    "_CloneSpecFields",
+    [(_config_name(f.name), f.type, dataclasses.field(default=f.default))
+     for f in dataclasses.fields(cloning.CloneSpec)],
+    frozen=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class CloneConfig:
-    """Everything that defines a cloning run (the flags of experiments.clone)."""
+class CloneConfig(_CloneSpecFields):
+    """Everything that defines a cloning run (the flags of experiments.clone):
+    the fields of `cloning.CloneSpec` (`lr` as rule_lr, `steps` as
+    unroll_steps; inherited, so they come first) and those below."""
     stage: str = "backprop"
     # The cell (V_M shapes) and the meta-test network it is saved for.
     hidden_size: int = 32
@@ -53,26 +73,6 @@ class CloneConfig:
     meta_test_layer_sizes: Tuple[int, ...] = (784, 10)
     w_init_std: float = 0.0
     error_scale: float = 1.0
-    # What is cloned, on which data (vsml_jax.cloning.CloneSpec).
-    target_scale: float = 20.0
-    rule_lr: float = 0.02
-    x_std: float = 2.0
-    w_max: float = 10.0
-    b_max: float = 10.0
-    e_max: float = 1.0
-    e_decades: float = 0.0
-    unroll_steps: int = 4
-    fwd_unit: float = 1.0
-    store_unit: float = 1.0
-    x_repeat_prob: float = 0.0
-    bias_lr_scale: float = 1.0
-    fwd_weight: float = 1.0
-    store_weight: float = 1.0
-    bwd_weight: float = 1.0
-    huber_delta: float = 1.0
-    x_low: float = -0.43
-    x_high: float = 2.83
-    label_prob_max: float = 0.5
     # Stage nearest_mean: logits = logit_scale * mean_a (x_a m_ab - m_ab^2 / 2).
     logit_scale: float = 30.0
     # Optimisation.
@@ -98,19 +98,15 @@ class CloneConfig:
         check_ranges(self, {
             "hidden_size": (1, None), "msg_size": (1, None), "micro_ticks": (1, None),
             "w_init_std": (0, None), "error_scale": (0, None, "> 0"),
-            "target_scale": (0, None, "> 0"), "rule_lr": (0, None, "> 0"),
-            "x_std": (0, None, "> 0"), "w_max": (0, None), "b_max": (0, None),
-            "e_max": (0, None, "> 0"), "e_decades": (0, None), "unroll_steps": (1, None),
-            "fwd_unit": (0, None, "> 0"), "store_unit": (0, None, "> 0"),
-            "x_repeat_prob": (0, 1), "bias_lr_scale": (0, None), "fwd_weight": (0, None),
-            "store_weight": (0, None), "bwd_weight": (0, None),
-            "huber_delta": (0, None, "> 0"), "label_prob_max": (0, 1, "in (0, 1]"),
             "logit_scale": (0, None, "> 0"), "batch_size": (1, None), "num_steps": (0, None),
             "lr": (0, None, "> 0"), "lr_final_fraction": (0, 1),
             "lr_decay_steps": (0, None), "clip_norm": (0, None), "reset_prob": (0, 1),
             "max_drift": (0, None, "> 0"), "seed": (0, None),
             "checkpoint_every": (1, None), "log_every": (1, None), "eval_every": (0, None),
-            "eval_cells": (1, None), "eval_long_steps": (0, None)})
+            "eval_cells": (1, None), "eval_long_steps": (0, None),
+            # The spec's fields, by their flag names.
+            **{_config_name(name): rule for name, rule in cloning.CloneSpec.RANGES.items()}})
+        self.spec()  # what the table cannot say (x_low < x_high)
         sizes = self.meta_test_layer_sizes
         if (len(sizes) < 2 or not all(isinstance(n, int) and not isinstance(n, bool)
                                       for n in sizes) or min(sizes) < 1):
@@ -120,22 +116,13 @@ class CloneConfig:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def spec(self):
+    def spec(self) -> cloning.CloneSpec:
         """The `vsml_jax.cloning.CloneSpec` of what is cloned."""
-        from vsml_jax import cloning
-        return cloning.CloneSpec(
-            target_scale=self.target_scale, lr=self.rule_lr, x_std=self.x_std,
-            w_max=self.w_max, b_max=self.b_max, e_max=self.e_max,
-            e_decades=self.e_decades, steps=self.unroll_steps, fwd_unit=self.fwd_unit,
-            store_unit=self.store_unit, x_repeat_prob=self.x_repeat_prob,
-            bias_lr_scale=self.bias_lr_scale, fwd_weight=self.fwd_weight,
-            store_weight=self.store_weight, bwd_weight=self.bwd_weight,
-            huber_delta=self.huber_delta, x_low=self.x_low, x_high=self.x_high,
-            label_prob_max=self.label_prob_max)
+        return cloning.CloneSpec(**{f.name: getattr(self, _config_name(f.name))
+                                    for f in dataclasses.fields(cloning.CloneSpec)})
 
     def vsml_config(self):
         """The VSMLConfig of the saved learner (a meta_test_layer_sizes network)."""
-        from vsml_jax import cloning
         if self.stage == "nearest_mean":
             return cloning.nearest_mean_config(
                 list(self.meta_test_layer_sizes), hidden_size=self.hidden_size,
@@ -165,7 +152,6 @@ def _build(c: CloneConfig, cfg, spec, mesh):
     import jax
     import jax.numpy as jnp
     import optax
-    from vsml_jax import cloning
     from vsml_jax.meta.sharding import replicated, shard_batch
     from vsml_jax.params import init_params
     from vsml_jax.training import checkpointing
@@ -245,6 +231,20 @@ def _build(c: CloneConfig, cfg, spec, mesh):
     return init_fn, _step, eval_fn, shardings
 
 
+def _check_memory(c: CloneConfig, step_fn, init_fn, shardings, mesh):
+    """Refuses a step that cannot fit in memory (`vsml_jax.runs.memory`); the
+    run's first step reuses the executable compiled here."""
+    import jax
+    from vsml_jax.runs import memory
+    specs = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s,
+                                          weak_type=getattr(x, "weak_type", False)),
+        jax.eval_shape(init_fn), shardings)
+    fixes = (f"a smaller --batch_size (now {c.batch_size}) or --unroll_steps (now "
+             f"{c.unroll_steps})")
+    return memory.check_fits(step_fn.lower(specs).compile(), mesh.local_devices, fixes)
+
+
 def train_and_evaluate(c: CloneConfig, workdir: str) -> RunOutcome:
     """Clones (or resumes cloning) in `workdir`; every process calls it.
 
@@ -252,7 +252,7 @@ def train_and_evaluate(c: CloneConfig, workdir: str) -> RunOutcome:
     cloned V_M (host numpy pytree).
     """
     import jax
-    from vsml_jax import cloning, runtime
+    from vsml_jax import runtime
     from vsml_jax.meta import sharding
     from vsml_jax.training import loop
 
@@ -265,6 +265,7 @@ def train_and_evaluate(c: CloneConfig, workdir: str) -> RunOutcome:
         raise SettingsError(str(e)) from e
     # The loop builds the state replicated; the cells then move to their shards.
     init_sharded = jax.jit(init_fn, out_shardings=shardings)
+    _check_memory(c, step_fn, init_fn, shardings, mesh)
     t0 = time.time()
 
     def export(state, step, finished=False):

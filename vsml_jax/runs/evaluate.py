@@ -166,7 +166,8 @@ def snapshot_learner(spec: Optional[str], folder: str) -> Tuple[Optional[str], O
         f.write(params)
     try:
         info = json.loads(after)
-        step = (info.get("meta_training") or info.get("clone") or {}).get("steps")
+        # meta_train writes "meta_training", clone "cloning" ("clone" is its spec).
+        step = (info.get("meta_training") or info.get("cloning") or {}).get("steps")
     except (ValueError, AttributeError):
         step = None
     return copy, step if isinstance(step, int) else None

@@ -186,7 +186,8 @@ class MetaTrainConfig:
                              "give --eval_datasets (e.g. mnist), or --eval_every=0.")
         if self.meta_optimizer == "open_es" and self.popsize % 2:
             raise ValueError(f"--popsize={self.popsize}: open_es samples antithetic pairs, "
-                             f"so the population must be even (e.g. {self.popsize + 1}).")
+                             f"so the population must be even (e.g. {self.popsize + 1}; on "
+                             "several devices also a multiple of their number).")
 
     @property
     def gradient_based(self) -> bool:
@@ -343,7 +344,27 @@ def train_and_evaluate(cfg: MetaTrainConfig, workdir: str, *,
         built = _build(cfg)
     except ValueError as e:  # a setting that does not fit the data or devices
         raise SettingsError(str(e)) from e
+    check_memory(cfg, built)
     return _train(cfg, workdir, built, restore_step, allow_data_change)
+
+
+def check_memory(cfg: MetaTrainConfig, b: "_Built"):
+    """Refuses a training step that cannot fit in memory (see `vsml_jax.runs.memory`).
+
+    Compiles the step now; the run's first step reuses this executable.
+    Returns the estimated bytes (None: no estimate on this backend).
+    """
+    from vsml_jax.runs import memory
+    if cfg.gradient_based:
+        fixes = (f"--remat_chunk={memory.remat_chunk_hint(cfg.episode_length)} (store "
+                 "the carries of chunks only, recompute the rest), --micro_batch=N "
+                 f"(N dividing --batch_size={cfg.batch_size}: accumulate the gradient over "
+                 "groups of N episodes), or a smaller --batch_size or --episode_length")
+    else:
+        fixes = ("--member_batch=1 (evaluate the members one after another), or a "
+                 "smaller --popsize, --batch_size or --episode_length")
+    compiled = memory.compile_program(b.step_fn, b.init_fn)
+    return memory.check_fits(compiled, b.mesh.local_devices, fixes)
 
 
 @dataclasses.dataclass

@@ -58,7 +58,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -74,11 +73,13 @@ from vsml_jax.training import checkpointing
 from vsml_jax.training import metrics as metrics_lib
 from vsml_jax.training import workdir as workdir_lib
 from vsml_jax.training.metrics import read_metrics  # noqa: F401  (part of this API)
+# What a workdir's configuration must satisfy on resume (part of this API too).
+from vsml_jax.training.run_config import (  # noqa: F401
+    CONFIG_FILE, RESUME_CHANGES, ConfigMismatchError, DataChangedError, check_and_write_config,
+    check_data, check_same_config, normalise)
 
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-RESUME_CHANGES = "resume_changes"
 
 # Keys that may change on resume: how long or how verbosely a run goes, where
 # its data is read, and (listed by the entry points) optimiser settings.
@@ -89,181 +90,9 @@ Metrics = Dict[str, float]
 EvalFn = Callable[[Any], Mapping[str, Mapping[str, float]]]
 
 
-class ConfigMismatchError(ValueError):
-    """The workdir holds a run made with a different configuration."""
-
-
-class DataChangedError(ConfigMismatchError):
-    """The training data differ from those the checkpoint was trained on."""
-
-
 # A checkpoint's meta-loss (the loss of the step after it) counts as exploded
 # when it is this many times the median of the run's losses before it.
 EXPLODED_FACTOR = 100.0
-
-
-# ------------------------------------------------------------------- config
-def _normalise(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """JSON round trip, so tuples/lists and numpy scalars compare as stored."""
-    return json.loads(json.dumps(dict(config), sort_keys=True, default=str))
-
-
-def check_and_write_config(workdir: str, config_dict: Mapping[str, Any],
-                           safe_to_change: Iterable[str], has_checkpoint: bool, *,
-                           write: bool = True, step: Optional[int] = None,
-                           checkpoint_config: Optional[Mapping[str, Any]] = None,
-                           extra_history: Optional[Dict[str, Any]] = None) -> None:
-    """Writes workdir/config.json, refusing a resume under a different config.
-
-    Keys in `safe_to_change` (optimiser settings, cadences, num_steps) may
-    differ on resume: each change is logged and appended to the
-    "resume_changes" list of config.json ({"step", "changes": {key: [old,
-    new]}}), which is kept across resumes.
-
-    Args:
-      write: False only checks (what every process of a multi-process job does
-        before process 0 writes).
-      step: the step resumed from (recorded with the changes).
-      checkpoint_config: the config stored inside the checkpoint resumed from;
-        compared too (and used alone when config.json is missing).
-      extra_history: more to record with this resume (e.g. an accepted data
-        change), appended to "resume_changes".
-    Raises:
-      ConfigMismatchError naming every differing key (old -> new) when a
-      checkpoint exists and a key outside `safe_to_change` differs.
-    """
-    path = os.path.join(workdir, CONFIG_FILE)
-    new = _normalise(config_dict)
-    history = []
-    if has_checkpoint and checkpoint_config is not None:
-        # The checkpoint's own config first: config.json may be gone or edited.
-        _diff_or_raise(workdir, _normalise(checkpoint_config), new, safe_to_change,
-                       "the checkpoint's own record")
-    if has_checkpoint and os.path.exists(path):
-        old = _read_config(path)
-        history = old.pop(RESUME_CHANGES, [])
-        safe = set(safe_to_change)
-        keys = sorted(set(old) | set(new))
-        changed = lambda k: old.get(k, "<missing>") != new.get(k, "<missing>")
-        diff = [k for k in keys if k not in safe and changed(k)]
-        if diff:
-            lines = "; ".join(f"{k}: {old.get(k, '<missing>')!r} -> "
-                              f"{new.get(k, '<missing>')!r}" for k in diff)
-            raise ConfigMismatchError(
-                f"{workdir} holds a checkpoint of a run with a different configuration "
-                f"({lines}). Resume with the original settings, or use a new --workdir "
-                f"for the new configuration. Keys that may change on resume: "
-                f"{sorted(safe)}.")
-        changes = {k: [old.get(k), new.get(k)] for k in keys if changed(k)}
-        if changes and write:
-            logging.info("Resuming %s at step %s with changed settings: %s", workdir, step,
-                         "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-            history = history + [{"step": step, "changes": changes}]
-    if extra_history and write:
-        history = history + [dict(step=step, **extra_history)]
-    if not write:
-        return
-    if history:
-        new[RESUME_CHANGES] = history
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(new, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _read_config(path: str) -> Dict[str, Any]:
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except ValueError as e:
-        raise ConfigMismatchError(
-            f"{path} is not valid JSON ({e}); the checkpoints keep their own copy of the "
-            f"config: delete {path} and run the same command again to resume.") from None
-    if not isinstance(old, dict):
-        raise ConfigMismatchError(f"{path} does not hold a JSON object; delete it and "
-                                  "run the same command again to resume.")
-    return old
-
-
-def _diff_or_raise(workdir: str, old: Dict[str, Any], new: Dict[str, Any],
-                   safe_to_change: Iterable[str], where: str) -> None:
-    old = {k: v for k, v in old.items() if k != RESUME_CHANGES}
-    safe = set(safe_to_change)
-    keys = sorted(set(old) | set(new))
-    diff = [k for k in keys if k not in safe
-            and old.get(k, "<missing>") != new.get(k, "<missing>")]
-    if diff:
-        lines = "; ".join(f"{k}: {old.get(k, '<missing>')!r} -> "
-                          f"{new.get(k, '<missing>')!r}" for k in diff)
-        raise ConfigMismatchError(
-            f"{workdir} holds a checkpoint of a run with a different configuration "
-            f"({where}: {lines}). Resume with the original settings, or use a new "
-            f"--workdir for the new configuration.")
-
-
-def check_data(workdir: str, stored: Optional[Mapping[str, Any]],
-               current: Optional[Mapping[str, Any]], allow_change: bool
-               ) -> Optional[Dict[str, Any]]:
-    """Compares the data fingerprint stored in a checkpoint with the current one.
-
-    Returns None when they agree (or either is unknown), else the changes
-    {key: [old, new]} when `allow_change`.
-    Raises:
-      DataChangedError naming what changed, unless `allow_change`.
-    """
-    if not stored or not current:
-        return None
-    stored, current = _normalise(stored), _normalise(current)
-    keys = sorted(set(stored) | set(current))
-    changes = {k: [stored.get(k), current.get(k)] for k in keys
-               if stored.get(k) != current.get(k)}
-    # Where the data lie may change (--data_dir is safe to change): only
-    # what they hold counts, the place is named when that differs.
-    if set(changes) <= {"source"}:
-        return None
-    lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-    if not allow_change:
-        raise DataChangedError(
-            f"the training data differ from those the checkpoint in {workdir} was "
-            f"trained on ({lines}). Restore the original data, use a new --workdir, or "
-            "add --allow_data_change to continue on the new data (recorded in "
-            "config.json).")
-    logging.warning("Continuing %s on changed training data (--allow_data_change): %s",
-                    workdir, lines)
-    return changes
-
-
-def check_same_config(config_dict: Mapping[str, Any]) -> None:
-    """Refuses a multi-process job whose processes were given different settings.
-
-    Every process hashes each config entry; the hashes are gathered and the
-    entries that differ are named (without this, the first collective of
-    differently shaped programs fails as an anonymous "collective mismatch").
-    """
-    if jax.process_count() == 1:
-        return
-    import hashlib
-    from jax.experimental import multihost_utils
-    config = _normalise(config_dict)
-    keys = sorted(config)
-    digest = lambda item: int(hashlib.sha256(json.dumps(item, sort_keys=True).encode())
-                              .hexdigest()[:7], 16)
-    counts = multihost_utils.process_allgather(np.asarray([len(keys), digest(keys)],
-                                                          np.int32))
-    if not np.all(counts == counts[0]):
-        raise ConfigMismatchError(
-            "the processes of this job run different versions of the code (their "
-            "settings have different names); start every process from the same checkout.")
-    hashes = multihost_utils.process_allgather(
-        np.asarray([digest([k, config[k]]) for k in keys], np.int32))
-    differ = [k for i, k in enumerate(keys) if not np.all(hashes[:, i] == hashes[0, i])]
-    if differ:
-        mine = "; ".join(f"--{k}={config[k]!r}" for k in differ)
-        raise ConfigMismatchError(
-            f"the processes of this job were started with different settings: "
-            f"{', '.join(differ)} (process {jax.process_index()} has {mine}). Start "
-            "every process with the same flags.")
 
 
 def _to_floats(metrics: Mapping[str, Any]) -> Metrics:
@@ -407,7 +236,7 @@ def _run_locked(workdir, init_fn, step_fn, num_steps, config_dict, checkpoint_ev
                                          max_to_keep=None)
     if restore_step is not None:
         _roll_back(manager, workdir, restore_step, primary)
-    meta = {"config": _normalise(config_dict), **dict(checkpoint_meta or {})}
+    meta = {"config": normalise(config_dict), **dict(checkpoint_meta or {})}
     # Every process compares the stored config (read-only) before anything is
     # restored (a checkpoint of another architecture would not restore) and
     # before process 0 rewrites it, so all refuse a mismatch alike.
