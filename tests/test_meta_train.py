@@ -221,3 +221,21 @@ def test_meta_rnn_continues_in_its_checkpoint_architecture(tmp_path):
                         "--hidden_size=5", *data_flags)
     assert clash.returncode != 0
     assert "--hidden_size=5 (checkpoint: 4)" in clash.stderr
+
+
+@pytest.mark.parametrize("name", ["cma_es", "open_es"])
+def test_evolution_runs_in_bfloat16(name, clusters):
+    """The strategies sample float32; members are cast to the learner's bfloat16."""
+    cfg = vsml_jax.VSMLConfig(layer_sizes=(6, 3), hidden_size=4, msg_size=2, micro_ticks=1,
+                              readout_scale=5.0, dtype="bfloat16")
+    learner = vsml_learner(cfg)
+    init = learner.init_params(jax.random.PRNGKey(0))
+    strategy, es_params = evolution.make_strategy(name, 4, init, sigma_init=0.1)
+    state = evolution.make_init_fn(learner, strategy, es_params, seed=0, init_params=init)()
+    step_fn = evolution.make_step_fn(learner, strategy, es_params, clusters, SPEC)
+    for _ in range(2):
+        state, metrics = step_fn(state)
+    assert np.isfinite(float(metrics["pop_loss"]))
+    mean = evolution.mean_params(strategy, state, learner)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(mean)} == {
+        x.dtype for x in jax.tree_util.tree_leaves(init)}

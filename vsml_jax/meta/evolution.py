@@ -205,6 +205,15 @@ def make_step_fn(learner: Learner, strategy, es_params, data: Dataset,
     return program
 
 
-def mean_params(strategy, state: EvolutionTrainState) -> Any:
-    """The current centre of the search distribution as a params pytree."""
-    return strategy.get_mean(state.strategy_state)
+def mean_params(strategy, state: EvolutionTrainState, learner: Optional[Learner] = None
+                ) -> Any:
+    """The current centre of the search distribution as a params pytree.
+
+    The strategy keeps it in float32; with `learner`, each leaf is cast to the
+    learner's own dtype (e.g. bfloat16), as its unroll and exported files expect.
+    """
+    mean = strategy.get_mean(state.strategy_state)
+    if learner is None:
+        return mean
+    template = jax.eval_shape(learner.init_params, jax.random.PRNGKey(0))
+    return jax.tree_util.tree_map(lambda x, t: x.astype(t.dtype), mean, template)

@@ -429,7 +429,7 @@ def _build(cfg: MetaTrainConfig) -> _Built:
             cfg.member_batch)
         step_fn = evolution.make_step_fn(learner, strategy, es_params, train_data, spec,
                                          mesh, member_batch)
-        params_of = lambda state: evolution.mean_params(strategy, state)
+        params_of = lambda state: evolution.mean_params(strategy, state, learner)
         es_lr = f"{cfg.es_lr / 3:.3g}"
         advice = (
             (lambda restore: "lower the step size: "
