@@ -79,11 +79,8 @@ def main(argv):
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required.")
     # Locked while written; an out_dir with an earlier fig4.json is refused.
-    lock = claim_out_dir(FLAGS.out_dir, "fig4.json")
-    try:
+    with claim_out_dir(FLAGS.out_dir, "fig4.json"):
         draw()
-    finally:
-        lock.release()
 
 
 def draw():

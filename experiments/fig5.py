@@ -255,11 +255,8 @@ def main(argv):
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required.")
     # Locked while written; an out_dir with an earlier fig5.json is refused.
-    lock = claim_out_dir(FLAGS.out_dir, "fig5.json")
-    try:
+    with claim_out_dir(FLAGS.out_dir, "fig5.json"):
         draw()
-    finally:
-        lock.release()
 
 
 def draw():

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Tuple
 
 from absl import logging
 
+from vsml_jax import hlo_stats
 from vsml_jax.runs.common import SettingsError
 
 WARN_FRACTION = 0.5
@@ -27,13 +28,11 @@ def gib(n: float) -> str:
 def step_bytes(compiled) -> Optional[int]:
     """Peak bytes of one device's run of `compiled` (XLA's estimate), or None."""
     try:
-        stats = compiled.memory_analysis()
+        m = hlo_stats.memory(compiled, capacity=0)
     except Exception:  # not every backend implements it; then nothing is checked
         return None
-    if stats is None:
-        return None
-    return max(0, stats.temp_size_in_bytes + stats.argument_size_in_bytes
-               + stats.output_size_in_bytes - stats.alias_size_in_bytes)
+    # The executable's code is not counted here (the planner's `needed` does).
+    return max(0, m.needed - m.generated_code)
 
 
 def available_bytes(devices) -> Tuple[Optional[Tuple[int, int]], str, int]:
