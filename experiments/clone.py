@@ -63,6 +63,14 @@ flags.DEFINE_float("x_low", D.x_low, "nearest_mean: x ~ U(x_low, x_high), x_low 
 flags.DEFINE_float("x_high", D.x_high, "nearest_mean: upper end of the random x.")
 flags.DEFINE_float("label_prob_max", D.label_prob_max, "nearest_mean: a cell's class "
                    "frequency ~ U(0, label_prob_max).")
+flags.DEFINE_float("log_count_scale", D.log_count_scale, "nearest_mean: cells store "
+                   "their class count n as q = n/(n+1) (0) or as log(n+1)/K (K > 0: the "
+                   "step 1/(n+1) stays precise for counts in the hundreds).")
+flags.DEFINE_float("count_max", D.count_max, "nearest_mean: 0: restarting training cells "
+                   "start empty; > 0: half start holding a random mean and a count up to "
+                   "count_max (trains long streams without unrolling them).")
+flags.DEFINE_boolean("input_tanh", D.input_tanh, "nearest_mean: clone the nearest class "
+                     "mean of tanh(x) instead of x.")
 flags.DEFINE_float("logit_scale", D.logit_scale, "nearest_mean: logits = logit_scale * "
                    "mean_a (x_a m_ab - m_ab^2 / 2) in the saved learner.")
 # Optimisation.

@@ -100,6 +100,10 @@ flags.DEFINE_integer("micro_batch", D.micro_batch, "BPTT gradient accumulation: 
 flags.DEFINE_boolean("remat", D.remat, "Rematerialise each step in BPTT (VS-ML).")
 flags.DEFINE_list("remat_chunk", ["0"], "Chunked remat: k stores carries every k steps; "
                   "k1,k2 nests chunks (product divides T; 0: off).")
+flags.DEFINE_enum("kernel", D.kernel, ["xla", "pallas"], "Step kernels of the VS-ML "
+                  "grid: xla (default) or pallas (the LSTM micro ticks fused into one "
+                  "Pallas kernel each way, in the training step; opt-in for TPU/GPU, "
+                  "interpreted (slow) on CPU).")
 flags.DEFINE_string("init_checkpoint", None, "Start from this portable learner (a "
                     "meta_train/clone workdir or pretrained:NAME); a VS-ML learner keeps "
                     "the checkpoint's architecture.")

@@ -374,3 +374,52 @@ def test_nearest_mean_chains_track_the_exact_rule():
                                                 start=start)
     assert np.isfinite(float(loss)) and final.c.shape == (16, 8)
     assert set(metrics) >= {"out_mae", "m_mae", "q_mae", "keep_mae"}
+
+
+@pytest.mark.parametrize("log_count_scale", [0.0, 6.0])
+def test_nearest_mean_fresh_cells_hold_the_mean_and_count_they_report(log_count_scale):
+    cfg = cloning.nearest_mean_config((3, 2), hidden_size=8)
+    spec = cloning.CloneSpec(target_scale=4.0, log_count_scale=log_count_scale,
+                             count_max=1000.0)
+    state, m, q = cloning.nm_fresh_cells(jax.random.PRNGKey(3), cfg, spec, 4000)
+    m_dec, q_dec = cloning.nm_decode(spec, state.c)
+    np.testing.assert_allclose(m_dec, m, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q_dec, q, rtol=1e-5, atol=1e-6)
+    # The count code is the inverse of the decoding, for any stored value.
+    np.testing.assert_allclose(cloning.nm_count_code(spec, q_dec), state.c[:, cloning.Q_SLOT],
+                               rtol=1e-4, atol=1e-6)
+    n = q / (1.0 - q)
+    held = np.asarray(n > 0)
+    assert 0.4 < held.mean() < 0.6                    # half start holding something
+    assert float(jnp.max(n)) > 300 and float(jnp.max(n)) <= 1000.5  # counts up to count_max
+    assert np.all(np.asarray(m)[~held] == 0.0)
+    # count_max = 0: every restarting cell is empty (m = q = 0, the zero state).
+    empty, m0, q0 = cloning.nm_fresh_cells(jax.random.PRNGKey(3), cfg,
+                                           dataclasses.replace(spec, count_max=0.0), 16)
+    assert not np.any(np.asarray(empty.c)) and not np.any(np.asarray(m0)) \
+        and not np.any(np.asarray(q0))
+
+
+def test_shipped_nearest_mean_clone_keeps_up_with_the_rule_on_real_streams(data_dir, tmp_path):
+    """pretrained:nearest_mean_clone runs the nearest class mean in its forward
+    dynamics: on MNIST and Fashion-MNIST test streams it stays within 3 points
+    of the rule (3 seeds, 7x7; docs/general.md has the 10-seed figures at
+    N=2,000: within 1.1 points)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out_dir = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "experiments.evaluate",
+           "--checkpoint=pretrained:nearest_mean_clone", "--pool=4",
+           "--datasets=mnist,fashion_mnist", "--episode_length=1000", "--seeds=3",
+           "--baselines=nearest_mean", f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out_dir / "summary.json").read_text())["results"]
+    for dataset, res in results.items():
+        for n in (100, 500, 1000):
+            clone = res["pretrained:nearest_mean_clone"]["metrics"][f"cum_acc@{n}"]["mean"]
+            rule = res["nearest_mean"]["metrics"][f"cum_acc@{n}"]["mean"]
+            assert abs(clone - rule) < 0.03, (dataset, n, clone, rule)

@@ -65,6 +65,7 @@ of steps is affected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar, Dict, NamedTuple, Optional, Tuple
 
 import jax
@@ -118,6 +119,20 @@ class CloneSpec:
         background value x_low with a per-cell probability ~ U(0, 1).
       label_prob_max: stage "nearest_mean": a cell's label y_b is 1 with a
         per-cell probability ~ U(0, label_prob_max) (its class's frequency).
+      log_count_scale: stage "nearest_mean": how a cell stores its class
+        count n. 0: q = n / (n + 1) itself; K > 0: log(n + 1) / K. With q, an
+        error of 0.01 doubles the rule's step 1 - q = 1 / (n + 1) at n = 100,
+        and the LSTM cannot form that step (a forget gate sigmoid(log n)) from
+        q; with the log count an error of d changes the step by a factor
+        exp(K d), whatever n, and the gate's pre-activation is linear in it.
+      count_max: stage "nearest_mean": 0: a restarting training cell starts
+        from the all-zero state (nothing seen). > 0: half of them start instead
+        from a state holding a mean m ~ U(x_low, x_high) and a count n with
+        log(1 + n) ~ U(0, log(1 + count_max)) (written into c; h = 0), so
+        that counts in the hundreds are trained without unrolling that far.
+      input_tanh: stage "nearest_mean": clone the nearest class mean of
+        tanh(x) instead of x (the cell applies the squashing itself; see
+        `nm_feature`).
     """
     target_scale: float = 20.0
     lr: float = 0.02
@@ -138,6 +153,9 @@ class CloneSpec:
     x_low: float = -0.43
     x_high: float = 2.83
     label_prob_max: float = 0.5
+    log_count_scale: float = 0.0
+    count_max: float = 0.0
+    input_tanh: bool = False
 
     # Each field's allowed range as (low, high[, "> 0"]): inclusive bounds,
     # None for none, a third entry for "strictly positive"; non-finite values
@@ -149,7 +167,8 @@ class CloneSpec:
         "store_unit": (0, None, "> 0"), "x_repeat_prob": (0, 1), "bias_lr_scale": (0, None),
         "fwd_weight": (0, None), "store_weight": (0, None), "bwd_weight": (0, None),
         "huber_delta": (0, None, "> 0"), "x_low": (None, None), "x_high": (None, None),
-        "label_prob_max": (0, 1, "> 0")}
+        "label_prob_max": (0, 1, "> 0"), "log_count_scale": (0, None),
+        "count_max": (0, None)}
 
     def __post_init__(self):
         for name, (low, high, *positive) in self.RANGES.items():
@@ -575,10 +594,14 @@ def long_run_errors(params: VSMLParams, spec: CloneSpec, key: jax.Array, num_cel
 # carries (x m - m^2 / 2) / s on output_slot.
 
 
-def conventions(stage: str) -> str:
+def conventions(stage: str, spec: Optional[CloneSpec] = None) -> str:
     """One line on where a clone of `stage` keeps its values (for learner.json)."""
     if stage == "nearest_mean":
-        return ("m/s in c[0], q = n/(n+1) in c[1]; x on forward slot 0, label y_b on "
+        K = 0.0 if spec is None else spec.log_count_scale
+        count = f"log(n+1)/{K:g}" if K > 0 else "q = n/(n+1)"
+        if spec is not None and spec.input_tanh:
+            count += " (m: the mean of tanh(x), scored as tanh(x) m - m^2/2)"
+        return (f"m/s in c[0], {count} in c[1]; x on forward slot 0, label y_b on "
                 "backward slot 1, (x m - m^2/2)/s on forward slot 0 (readout_scale="
                 "logit_scale*s); protocol predict_then_learn, reduce mean.")
     return ("w/s in c[0], b/s in c[1]; x on forward slot 0, y/s on forward slot 0 "
@@ -610,6 +633,11 @@ def nearest_mean_config(layer_sizes=(784, 10), *, hidden_size: int = 16, msg_siz
         protocol="predict_then_learn")
 
 
+def nm_feature(spec: CloneSpec, x):
+    """What the cloned nearest-mean rule averages and scores: x, or tanh(x)."""
+    return jnp.tanh(x) if spec.input_tanh else x
+
+
 def nearest_mean_targets(x, m, q, y):
     """Exact rule: (output x m - m^2/2, m_new, q_new) for labels y in {0, 1}."""
     out = x * m - 0.5 * m * m
@@ -624,9 +652,43 @@ def nm_zero_state(cfg: VSMLConfig, num_cells: int) -> LayerState:
     return LayerState(h=z, c=z)
 
 
+def nm_fresh_cells(key: jax.Array, cfg: VSMLConfig, spec: CloneSpec, num_cells: int
+                   ) -> Tuple[LayerState, jax.Array, jax.Array]:
+    """Start states of restarting training cells and the (m, q) they hold.
+
+    All-zero (m = q = 0) with spec.count_max = 0; else half of them hold a
+    random mean and count (see CloneSpec.count_max). Returns (state, m, q),
+    m and q [K].
+    """
+    zero = nm_zero_state(cfg, num_cells)
+    z = jnp.zeros((num_cells,), zero.c.dtype)
+    if spec.count_max <= 0:
+        return zero, z, z
+    k_on, k_m, k_n = jax.random.split(key, 3)
+    on = jax.random.uniform(k_on, (num_cells,)) < 0.5
+    m = jnp.where(on, nm_feature(spec, jax.random.uniform(
+        k_m, (num_cells,), minval=spec.x_low, maxval=spec.x_high)), 0.0)
+    log_n1 = jax.random.uniform(k_n, (num_cells,)) * jnp.log1p(spec.count_max)
+    q = jnp.where(on, -jnp.expm1(-log_n1), 0.0)  # n / (n + 1) = 1 - 1 / (n + 1)
+    c = zero.c.at[:, W_SLOT].set(m / spec.target_scale).at[:, Q_SLOT].set(
+        nm_count_code(spec, q))
+    return LayerState(h=zero.h, c=c), m, q
+
+
 def nm_decode(spec: CloneSpec, c) -> Tuple[jax.Array, jax.Array]:
-    """(m, q) from context vectors c [..., H]."""
-    return c[..., W_SLOT] * spec.target_scale, c[..., Q_SLOT]
+    """(m, q) from context vectors c [..., H] (see CloneSpec.log_count_scale)."""
+    code = c[..., Q_SLOT]
+    if spec.log_count_scale > 0:
+        code = -jnp.expm1(-spec.log_count_scale * code)  # 1 - 1/(n+1) from log(n+1)/K
+    return c[..., W_SLOT] * spec.target_scale, code
+
+
+def nm_count_code(spec: CloneSpec, q):
+    """What c[Q_SLOT] holds for q = n/(n+1): q, or log(n + 1) / K. Inverse of
+    `nm_decode`'s q for every stored value."""
+    if spec.log_count_scale > 0:
+        return -jnp.log1p(-q) / spec.log_count_scale
+    return q
 
 
 def nm_sample_batch(key: jax.Array, spec: CloneSpec, batch_size: int) -> CloneBatch:
@@ -669,7 +731,7 @@ def nm_rollout(params: VSMLParams, spec: CloneSpec, batch: CloneBatch,
         m_keep, q_keep = nm_decode(spec, state.c)
         state, _, _ = cell_pass(params, state, x, e, y)
         m_new, q_new = nm_decode(spec, state.c)
-        out_target, m_next, q_next = nearest_mean_targets(x, m, q, y)
+        out_target, m_next, q_next = nearest_mean_targets(nm_feature(spec, x), m, q, y)
         o = dict(out=out, out_target=out_target, m_keep=m_keep, q_keep=q_keep, m_prev=m,
                  q_prev=q, m_new=m_new, q_new=q_new, m_new_target=m_next,
                  q_new_target=q_next)
@@ -693,9 +755,12 @@ def nm_loss(params: VSMLParams, spec: CloneSpec, batch: CloneBatch,
     hub = lambda r: jnp.mean(optax.huber_loss(r, delta=spec.huber_delta))
     fwd = hub((o["out"] - o["out_target"]) / spec.fwd_unit)
     u = spec.store_unit
-    keep = 0.5 * (hub((o["m_keep"] - o["m_prev"]) / u) + hub((o["q_keep"] - o["q_prev"]) / u))
+    # The count is compared as stored (q or the log count), in store_units.
+    code = functools.partial(nm_count_code, spec)
+    keep = 0.5 * (hub((o["m_keep"] - o["m_prev"]) / u)
+                  + hub((code(o["q_keep"]) - code(o["q_prev"])) / u))
     upd = 0.5 * (hub((o["m_new"] - o["m_new_target"]) / u)
-                 + hub((o["q_new"] - o["q_new_target"]) / u))
+                 + hub((code(o["q_new"]) - code(o["q_new_target"])) / u))
     loss = spec.fwd_weight * fwd + spec.store_weight * (keep + upd)
     out_mae = jnp.mean(jnp.abs(o["out"] - o["out_target"]))
     metrics = dict(
@@ -716,23 +781,25 @@ def nm_chain_batch(key: jax.Array, cfg: VSMLConfig, spec: CloneSpec, chains: Cha
     exact (m, q). A cell restarts from the zero state with probability
     reset_prob or when its stored m or q is more than max_drift store_units off;
     a kept cell is re-synchronised to what it stores."""
-    k_batch, k_reset = jax.random.split(key)
+    k_batch, k_reset, k_fresh = jax.random.split(key, 3)
     K = chains.w.shape[0]
     batch = nm_sample_batch(k_batch, spec, K)
     m_kept, q_kept = nm_decode(spec, chains.state.c)
-    drift = jnp.maximum(jnp.abs(m_kept - chains.w), jnp.abs(q_kept - chains.b)) / spec.store_unit
+    drift = jnp.maximum(jnp.abs(m_kept - chains.w),
+                        jnp.abs(nm_count_code(spec, q_kept) - nm_count_code(spec, chains.b))
+                        ) / spec.store_unit
     reset = (jax.random.uniform(k_reset, (K,)) < reset_prob) | (drift > max_drift)
     reset = reset | ~jnp.isfinite(drift)
-    fresh = nm_zero_state(cfg, K)
+    fresh, m_fresh, q_fresh = nm_fresh_cells(k_fresh, cfg, spec, K)
     start = jax.tree_util.tree_map(lambda n, o: jnp.where(reset[:, None], n, o), fresh,
                                    chains.state)
-    m0 = jnp.where(reset, 0.0, m_kept)
-    q0 = jnp.where(reset, 0.0, jnp.clip(q_kept, 0.0, 0.9999))
+    m0 = jnp.where(reset, m_fresh, m_kept)
+    q0 = jnp.where(reset, q_fresh, jnp.clip(q_kept, 0.0, 0.9999))
     batch = batch._replace(w0=m0, b0=q0)
 
     def exact(carry, xy):
         m, q = carry
-        _, m, q = nearest_mean_targets(xy[0], m, q, xy[1])
+        _, m, q = nearest_mean_targets(nm_feature(spec, xy[0]), m, q, xy[1])
         return (m, q), None
 
     (m_end, q_end), _ = jax.lax.scan(exact, (m0, q0), (batch.x, batch.y))

@@ -78,6 +78,19 @@ def computations(text: str) -> Dict[str, List[str]]:
 
 def _opcode(line: str) -> Optional[str]:
     m = _OPCODE.search(line)
+    if m:
+        return m.group(1)
+    # A tuple result, "= (f32[..]{..}, f32[..]{..}) opcode(": multi-output fusions
+    # and custom calls. Skip the balanced parentheses of the shape.
+    start = line.find("= (")
+    if start < 0:
+        return None
+    depth, i = 0, start + 2
+    for i in range(start + 2, len(line)):
+        depth += {"(": 1, ")": -1}.get(line[i], 0)
+        if depth == 0:
+            break
+    m = re.match(r" (\w[\w\-]*)\(", line[i + 1:])
     return m.group(1) if m else None
 
 

@@ -61,10 +61,13 @@ def correct_from_logits(logits: jax.Array, labels: jax.Array,
 def _kernel(impl: str) -> types.ModuleType:
     if impl == "fast":
         return grid
+    if impl == "pallas":
+        from vsml_jax import pallas_grid  # imported lazily: opt-in (Pallas)
+        return pallas_grid
     if impl == "reference":
         from vsml_jax import reference  # imported lazily: only tests/benchmarks use it
         return reference
-    raise ValueError(f"impl={impl!r} is unknown; use 'fast' or 'reference'.")
+    raise ValueError(f"impl={impl!r} is unknown; use 'fast', 'pallas' or 'reference'.")
 
 
 def input_message(cfg: VSMLConfig, x: jax.Array) -> jax.Array:
@@ -173,15 +176,21 @@ def _ticks(impl: str, params: VSMLParams, layers, l: int, fwd_in, bwd_in, top_er
     top_error: bwd_in is the top layer's `error_message`.
     """
     cfg = params.cfg
-    if impl != "fast":
+    if impl == "reference":
         return _kernel(impl).layer_ticks(params.layer(l), cfg, layers[l], fwd_in, bwd_in, l)
+    fwd_slots, bwd_slots = _slots(cfg, l, top_error)
+    return _kernel(impl).layer_ticks(params.layer(l), cfg, layers[l], fwd_in, bwd_in, l,
+                                     fwd_slots=fwd_slots, bwd_slots=bwd_slots)
+
+
+def _slots(cfg: VSMLConfig, l: int, top_error: bool):
+    """(fwd_slots, bwd_slots): the message columns layer l reads that can be non-zero."""
     fwd_slots = (cfg.input_slot,) if l == 0 or cfg.slot_messages else None
     if top_error:
         bwd_slots = (cfg.error_slot,) + ((cfg.label_slot,) if cfg.feed_label else ())
     else:
         bwd_slots = (cfg.error_slot,) if cfg.slot_messages else None
-    return grid.layer_ticks(params.layer(l), cfg, layers[l], fwd_in, bwd_in, l,
-                            fwd_slots=fwd_slots, bwd_slots=bwd_slots)
+    return fwd_slots, bwd_slots
 
 
 def _backward_input(params: VSMLParams, layers, l: int, impl: str) -> jax.Array:
@@ -204,9 +213,14 @@ def _bottom_up(params: VSMLParams, layers, x: jax.Array, bwd_ins, impl: str,
     for l in range(cfg.num_layers):
         p = params.layer(l)
         fwd_ins.append(fwd_in)
-        s = _ticks(impl, params, layers, l, fwd_in, bwd_ins[l],
-                   top_error and l == cfg.num_layers - 1)
-        fwd_in = k.forward_messages(p, cfg, s)
+        top = top_error and l == cfg.num_layers - 1
+        if impl == "pallas":
+            # The ticks and the forward messages in one kernel (pallas_grid.layer_step).
+            s, fwd_in = k.layer_step(p, cfg, layers[l], fwd_in, bwd_ins[l], l,
+                                     *_slots(cfg, l, top))
+        else:
+            s = _ticks(impl, params, layers, l, fwd_in, bwd_ins[l], top)
+            fwd_in = k.forward_messages(p, cfg, s)
         if cfg.slot_messages and l < cfg.num_layers - 1:
             fwd_in = input_message(cfg, cfg.readout_scale * fwd_in[:, cfg.output_slot])
         new_layers.append(s)
@@ -455,8 +469,10 @@ def unroll(params: VSMLParams, state: VSMLState,
       data: (inputs [T, A0], labels one-hot [T, C]) for one stream, or
         (inputs [T, K, A0], labels [T, K, C]) for K streams of one network whose
         states are averaged after every step (the paper's batching).
-      impl: "fast" (the algebraically rewritten kernels) or "reference" (a
-        plain per-cell vmap, for tests and benchmarks).
+      impl: "fast" (the algebraically rewritten kernels), "pallas" (the same
+        with the LSTM micro ticks fused into one Pallas kernel each way, opt-in
+        for TPU/GPU, see `vsml_jax.pallas_grid`) or "reference" (a plain
+        per-cell vmap, for tests and benchmarks).
       remat: rematerialise each step in the backward pass (memory O(T x |V_L|)
         carries instead of all residuals).
       remat_chunk: chunked remat: store carries only every `remat_chunk`
@@ -472,7 +488,7 @@ def unroll(params: VSMLParams, state: VSMLState,
     dtype = jnp.dtype(cfg.dtype)
     inputs, labels = inputs.astype(dtype), labels.astype(dtype)
     step_fn = _batch_averaged_step if inputs.ndim == 3 else _step
-    if impl == "fast":
+    if impl in ("fast", "pallas"):
         # The LSTM gate scaling once, before the loop (see grid.GateScaledParams).
         params = params.replace(cells=grid.gate_scaled(params.cells, cfg))
     # V_M enters the loop twice: as arrays to compute with and as one flat

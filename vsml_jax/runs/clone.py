@@ -46,6 +46,12 @@ SAFE_TO_CHANGE = ("num_steps", "checkpoint_every", "log_every", "eval_every",
 SPEC_RENAMES = {"lr": "rule_lr", "steps": "unroll_steps"}
 
 
+# Fields added after cloning runs were first written: config.json leaves them
+# out at their default, so that an older run's config still matches and it
+# resumes (a run that sets them records them).
+LATER_FIELDS = ("log_count_scale", "count_max", "input_tanh")
+
+
 def _config_name(spec_field: str) -> str:
     return SPEC_RENAMES.get(spec_field, spec_field)
 
@@ -114,7 +120,11 @@ class CloneConfig(_CloneSpecFields):
                              "at least two positive sizes, e.g. 784,10.")
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        for name in LATER_FIELDS:
+            if d[name] == getattr(CloneConfig, name):
+                del d[name]
+        return d
 
     def spec(self) -> cloning.CloneSpec:
         """The `vsml_jax.cloning.CloneSpec` of what is cloned."""
@@ -281,7 +291,7 @@ def train_and_evaluate(c: CloneConfig, workdir: str) -> RunOutcome:
                 "final_loss": float(np.mean(last)) if last else None,
                 "final_loss_window": len(last),
                 "seconds_this_session": round(time.time() - t0, 1),
-                "conventions": cloning.conventions(c.stage),
+                "conventions": cloning.conventions(c.stage, spec),
             },
             "final_eval": recent_evals(records),
             # Training-only: how to write a given (w, b) into a cell (figure 4, tests).

@@ -64,7 +64,7 @@ ARCH_DEFAULTS = {
 SAFE_TO_CHANGE = ("num_steps", "checkpoint_every", "log_every", "eval_every",
                   "data_dir", "download", "eval_datasets", "eval_length",
                   "eval_episodes", "member_batch", "micro_batch", "lr", "lr_decay_steps",
-                  "lr_final_fraction", "clip_norm", "es_lr", "max_to_keep")
+                  "lr_final_fraction", "clip_norm", "es_lr", "max_to_keep", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +120,10 @@ class MetaTrainConfig:
     num_steps: int = 1000
     remat: bool = True
     remat_chunk: Tuple[int, ...] = ()
+    # "xla" (vsml_jax.grid) or "pallas" (vsml_jax.pallas_grid: the LSTM micro
+    # ticks as one Pallas kernel each way; opt-in, for TPU/GPU; the training
+    # step only, see build_learner).
+    kernel: str = "xla"
     init_checkpoint: Optional[str] = None
     seed: int = 0
     # Bookkeeping
@@ -148,7 +152,8 @@ class MetaTrainConfig:
             "seed": (0, None), "state_clip": (None, None)})
         check_choices(self, {"learner": ("vsml", "meta_rnn"), "cell": CELLS,
                              "reduce": REDUCTIONS, "protocol": PROTOCOLS, "pool": (1, 2, 4),
-                             "dtype": ("float32", "bfloat16", "float16", "float64")})
+                             "dtype": ("float32", "bfloat16", "float16", "float64"),
+                             "kernel": ("xla", "pallas")})
         if not (self.meta_optimizer in GRADIENT_OPTIMIZERS
                 or self.meta_optimizer in STRATEGY_NAMES
                 or self.meta_optimizer in STRATEGY_NAMES.values()
@@ -294,6 +299,11 @@ def build_learner(cfg: MetaTrainConfig, input_size: int, num_classes: int,
         kwargs["remat_chunk"] = tuple(cfg.remat_chunk)
     elif train and cfg.remat:
         kwargs["remat"] = True
+    if train and cfg.kernel == "pallas":
+        # The training step runs per device (shard_map), where the Pallas kernels
+        # may go; the meta-tests are plain replicated jits, which cannot
+        # partition a Mosaic kernel, so they keep the XLA kernels.
+        kwargs["impl"] = "pallas"
     return vsml_learner(arch, **kwargs)
 
 

@@ -368,7 +368,7 @@ def _fit(config, train: ProgramReport, compile_train, log) -> ProgramReport:
 # ------------------------------------------------------------------ API
 def _settings(cfg) -> Dict[str, Any]:
     keys = ("batch_size", "episode_length", "dtype", "remat", "remat_chunk", "micro_batch",
-            "popsize", "member_batch", "meta_optimizer", "stage", "hidden_size")
+            "kernel", "popsize", "member_batch", "meta_optimizer", "stage", "hidden_size")
     out = {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
     if hasattr(cfg, "arch"):  # MetaTrainConfig: None means the architecture default
         out.update(dtype=cfg.arch("dtype"), hidden_size=cfg.arch("hidden_size"))
