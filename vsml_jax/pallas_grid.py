@@ -216,16 +216,47 @@ def _wide_setup(w_h, pa, pre_b, k_):
     return w_t, pre
 
 
-def _wide_run_ticks(ticks: int, bound, w_t, pre, h, c, keep: bool):
-    """The ticks on h^T, c^T [B*H, A]; with keep, also each tick's tape."""
+def _run_ticks(ticks: int, bound, gates, h, c, keep: bool):
+    """`ticks` LSTM ticks of the cells of a block, in any layout.
+
+    gates(h) gives the 4 gate pre-activations (i, f, g, o; before the tanh).
+    Returns (h, c, tape); with keep, the tape holds each tick's
+    (h, c, tanh values, unclipped c, tanh c) for `_reverse_ticks`.
+    """
     tape = []
     for _ in range(ticks):
-        t = tuple(jnp.tanh(_dot(w_t[k], h) + pre[k]) for k in range(4))
+        t = tuple(jnp.tanh(z) for z in gates(h))
         h_new, c_new, c_raw, tc = _cell_tick(*t, c, bound)
         if keep:
             tape.append((h, c, t, c_raw, tc))
         h, c = h_new, c_new
     return h, c, tape
+
+
+def _reverse_ticks(bound, tape, dh, dc, back, outer, acc):
+    """The reverse of `_run_ticks`'s ticks, from their tape.
+
+    back(dz) gives d h of a tick's input from its 4 gate cotangents dz;
+    outer(h_prev, dz_k) is the tick's contribution to acc[k] (gate k's part of
+    d w_h, in the layout the caller sums). acc: 4 running sums (None: none
+    yet). Returns (dh, dc) before the ticks, dpre (per gate, the sum over the
+    ticks of dz_k) and acc.
+    """
+    dpre, acc = [None] * 4, list(acc)
+    for h_prev, c_prev, t, c_raw, tc in reversed(tape):
+        dz, dc = _cell_tick_bwd(t, c_prev, c_raw, tc, dh, dc, bound)
+        dh = back(dz)
+        for k in range(4):
+            m = outer(h_prev, dz[k])
+            acc[k] = m if acc[k] is None else acc[k] + m
+            dpre[k] = dz[k] if dpre[k] is None else dpre[k] + dz[k]
+    return dh, dc, dpre, acc
+
+
+def _wide_run_ticks(ticks: int, bound, w_t, pre, h, c, keep: bool):
+    """The ticks on h^T, c^T [B*H, A]; with keep, also each tick's tape."""
+    return _run_ticks(ticks, bound,
+                      lambda h: [_dot(w_t[k], h) + pre[k] for k in range(4)], h, c, keep)
 
 
 def _lane_mask(A: int, lanes: int):
@@ -265,15 +296,9 @@ def _wide_reverse(bound, w_h, k_, tape, dh, dc):
     # W_k = (W_k^T)^T, built the same way (plain matmuls only, no transposes).
     w = [_dot(k_["unit_t"], _dot(w_h, k_["tile"][k], _EXACT), _EXACT) * k_["diag"]
          for k in range(4)]
-    dpre, hz = [None] * 4, [None] * 4
-    for h_prev, c_prev, t, c_raw, tc in reversed(tape):
-        dz, dc = _cell_tick_bwd(t, c_prev, c_raw, tc, dh, dc, bound)
-        dh = sum(_dot(w[k], dz[k]) for k in range(4))
-        for k in range(4):
-            m = _dot_nt(h_prev, dz[k], _EXACT)
-            hz[k] = m if hz[k] is None else hz[k] + m
-            dpre[k] = dz[k] if dpre[k] is None else dpre[k] + dz[k]
-    return dh, dc, dpre, hz
+    return _reverse_ticks(bound, tape, dh, dc,
+                          lambda dz: sum(_dot(w[k], dz[k]) for k in range(4)),
+                          lambda h_prev, dz_k: _dot_nt(h_prev, dz_k, _EXACT), [None] * 4)
 
 
 def _wide_bwd_kernel(ticks, bound, names, A, h_ref, c_ref, w_ref, pa_ref, pb_ref, *refs):
@@ -680,6 +705,20 @@ def _tpu_params():
 
 
 # ------------------------------------------------------------ rows body (GPU)
+def _tile_ticks(ticks: int, bound, w, pre, h, c, keep: bool):
+    """The ticks of a [rows, H] tile (the GPU bodies): gate k is h @ w[k] + pre[k]."""
+    return _run_ticks(ticks, bound,
+                      lambda h: [_dot(h, w[k]) + pre[k] for k in range(4)], h, c, keep)
+
+
+def _tile_reverse(bound, w, tape, dh, dc, dw):
+    """`_reverse_ticks` of a [rows, H] tile; dw: the 4 running [H, H] sums of
+    h^T dz_k (None: none yet)."""
+    return _reverse_ticks(bound, tape, dh, dc,
+                          lambda dz: sum(_dot_nt(dz[k], w[k]) for k in range(4)),
+                          lambda h_prev, dz_k: _dot_tn(h_prev, dz_k, _EXACT), dw)
+
+
 def _rows_fwd_kernel(ticks, bound, B, H, h_ref, c_ref, w_ref, pa_ref, pb_ref,
                      h_out, c_out):
     rows = pl.ds(pl.program_id(0) * GPU_ROWS, GPU_ROWS)
@@ -688,10 +727,8 @@ def _rows_fwd_kernel(ticks, bound, B, H, h_ref, c_ref, w_ref, pa_ref, pb_ref,
     for b in range(B):
         cols = pl.ds(b * H, H)
         pre = [pa[k] + pb_ref[pl.ds(4 * b + k, 1), :] for k in range(4)]
-        h, c = h_ref[rows, cols], c_ref[rows, cols]
-        for _ in range(ticks):
-            t = tuple(jnp.tanh(_dot(h, w[k]) + pre[k]) for k in range(4))
-            h, c, _, _ = _cell_tick(*t, c, bound)
+        h, c, _ = _tile_ticks(ticks, bound, w, pre, h_ref[rows, cols], c_ref[rows, cols],
+                              False)
         h_out[rows, cols] = h
         c_out[rows, cols] = c
 
@@ -707,22 +744,10 @@ def _rows_bwd_kernel(ticks, bound, B, H, h_ref, c_ref, w_ref, pa_ref, pb_ref, dh
     for b in range(B):
         cols = pl.ds(b * H, H)
         pre = [pa[k] + pb_ref[pl.ds(4 * b + k, 1), :] for k in range(4)]
-        h, c = h_ref[rows, cols], c_ref[rows, cols]
-        tape = []
-        for _ in range(ticks):
-            t = tuple(jnp.tanh(_dot(h, w[k]) + pre[k]) for k in range(4))
-            h_new, c_new, c_raw, tc = _cell_tick(*t, c, bound)
-            tape.append((h, c, t, c_raw, tc))
-            h, c = h_new, c_new
-        dh, dc = dh_ref[rows, cols], dc_ref[rows, cols]
-        dpre = [None] * 4
-        for h_prev, c_prev, t, c_raw, tc in reversed(tape):
-            dz, dc = _cell_tick_bwd(t, c_prev, c_raw, tc, dh, dc, bound)
-            dh = sum(_dot_nt(dz[k], w[k]) for k in range(4))
-            for k in range(4):
-                m = _dot_tn(h_prev, dz[k], _EXACT)
-                dw[k] = m if dw[k] is None else dw[k] + m
-                dpre[k] = dz[k] if dpre[k] is None else dpre[k] + dz[k]
+        _, _, tape = _tile_ticks(ticks, bound, w, pre, h_ref[rows, cols],
+                                 c_ref[rows, cols], True)
+        dh, dc, dpre, dw = _tile_reverse(bound, w, tape, dh_ref[rows, cols],
+                                         dc_ref[rows, cols], dw)
         dh_out[rows, cols] = dh
         dc_out[rows, cols] = dc
         for k in range(4):
@@ -845,10 +870,7 @@ def _cols_fwd_kernel(ticks, bound, scale, A, rows, h_ref, c_ref, w_h_ref, w_f_re
 
     def chunk(i, hsum):
         r, valid, _, pre = _cols_chunk(i, A, H, rows, fwd_ref, pb, wf)
-        h, c = h_ref[r, cols], c_ref[r, cols]
-        for _ in range(ticks):
-            t = tuple(jnp.tanh(_dot(h, w[k]) + pre[k]) for k in range(4))
-            h, c, _, _ = _cell_tick(*t, c, bound)
+        h, c, _ = _tile_ticks(ticks, bound, w, pre, h_ref[r, cols], c_ref[r, cols], False)
         h_out[r, cols] = h
         c_out[r, cols] = c
         return hsum + jnp.sum(jnp.where(valid, h, 0.0), axis=0, keepdims=True)
@@ -875,24 +897,10 @@ def _cols_bwd_kernel(ticks, bound, scale, A, rows, h_ref, c_ref, w_h_ref, w_f_re
     def chunk(i, acc):
         hsum, dw, dpb, dwf = acc
         r, valid, x, pre = _cols_chunk(i, A, H, rows, fwd_ref, pb, wf)
-        h, c = h_ref[r, cols], c_ref[r, cols]
-        tape = []
-        for _ in range(ticks):
-            t = tuple(jnp.tanh(_dot(h, w[k]) + pre[k]) for k in range(4))
-            h_new, c_new, c_raw, tc = _cell_tick(*t, c, bound)
-            tape.append((h, c, t, c_raw, tc))
-            h, c = h_new, c_new
+        h, _, tape = _tile_ticks(ticks, bound, w, pre, h_ref[r, cols], c_ref[r, cols], True)
         hsum = hsum + jnp.sum(jnp.where(valid, h, 0.0), axis=0, keepdims=True)
         dh = dh_ref[r, cols] + jnp.where(valid, dh_msg, 0.0)
-        dc = dc_ref[r, cols]
-        dpre = [None] * 4
-        dw = list(dw)
-        for h_prev, c_prev, t, c_raw, tc in reversed(tape):
-            dz, dc = _cell_tick_bwd(t, c_prev, c_raw, tc, dh, dc, bound)
-            dh = sum(_dot_nt(dz[k], w[k]) for k in range(4))
-            for k in range(4):
-                dw[k] = dw[k] + _dot_tn(h_prev, dz[k], _EXACT)
-                dpre[k] = dz[k] if dpre[k] is None else dpre[k] + dz[k]
+        dh, dc, dpre, dw = _tile_reverse(bound, w, tape, dh, dc_ref[r, cols], dw)
         dh_out[r, cols] = dh
         dc_out[r, cols] = dc
         dpb = tuple(dpb[k] + jnp.sum(dpre[k], axis=0, keepdims=True) for k in range(4))
