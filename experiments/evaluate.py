@@ -38,7 +38,8 @@ flags.DEFINE_string("label", D.label, "Name of the --checkpoint learner in table
 common.define_data_flags(",".join(D.datasets), multi=True)
 flags.DEFINE_list("baselines", list(D.baselines), "Also evaluate: adam, sgd (online "
                   "backprop, lr swept), tanh_sgd (y = tanh(x) W + b with SGD), "
-                  "nearest_mean, nearest_neighbour (non-parametric, nothing tuned), and "
+                  "nearest_mean, nearest_neighbour, parzen (non-parametric; Parzen's one "
+                  "setting is --parzen_bandwidth), and "
                   "meta-trained checkpoints as KIND:PATH with KIND in meta_rnn, hebbian, "
                   "vsml; prefix LABEL= to name an entry (e.g. 'Meta RNN=meta_rnn:runs/mrnn').")
 flags.DEFINE_integer("episode_length", D.episode_length, "N: steps per stream (>= 1).")
@@ -78,6 +79,9 @@ flags.DEFINE_integer("test_examples", D.test_examples, "Held-out images: the fir
 flags.DEFINE_string("test_split", D.test_split, "Split the held-out images come from.")
 flags.DEFINE_list("gd_hidden", [str(h) for h in D.gd_hidden], "Hidden layer sizes of the "
                   "adam/sgd network (empty: the single layer y = W x + b).")
+flags.DEFINE_float("parzen_bandwidth", D.parzen_bandwidth, "Kernel width h of the parzen "
+                   "baseline, in units of the per-input RMS distance (> 0; the default "
+                   "was chosen on MNIST train streams).")
 flags.DEFINE_list("checkpoints", [str(n) for n in D.checkpoints],
                   "Report cumulative accuracy after these many steps (within [1, N]).")
 flags.DEFINE_integer("window", D.window, "Steps in the final-window accuracy.")

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 from vsml_jax import evaluation
 from vsml_jax.baselines import hebbian, meta_rnn, nonparametric, online_gd
@@ -171,7 +172,8 @@ def test_config_errors_are_clear():
 
 
 def _nonparametric_by_hand(method, x, y):
-    """Step-by-step numpy predictions of nearest class mean / 1-NN; x [T, K, D]."""
+    """Step-by-step numpy predictions of nearest class mean / 1-NN / Parzen
+    window (default bandwidth); x [T, K, D]."""
     preds, seen_x, seen_y = [], [], []
     for xt, yt in zip(x, y):
         row = []
@@ -184,6 +186,11 @@ def _nonparametric_by_hand(method, x, y):
                 classes = np.unique(sy)
                 d = [np.sum((sx[sy == c].mean(0) - xk) ** 2) for c in classes]
                 row.append(classes[int(np.argmin(d))])
+            elif method == "parzen":
+                classes = np.unique(sy)
+                h2d = 2 * nonparametric.DEFAULT_BANDWIDTH ** 2 * x.shape[-1]
+                k = np.exp(-np.sum((sx - xk) ** 2, -1).astype(np.float64) / h2d)
+                row.append(classes[int(np.argmax([np.mean(k[sy == c]) for c in classes]))])
             else:
                 row.append(sy[int(np.argmin(np.sum((sx - xk) ** 2, -1)))])
         preds.append(row)
@@ -214,6 +221,32 @@ def test_nonparametric_learners_match_a_numpy_loop(method, K):
     _, nxt = learner.unroll(None, state, (probe[:1], jax.nn.one_hot(jnp.zeros(1, int), C)))
     np.testing.assert_allclose(learner.predict(None, state, probe)[:1], nxt.logits,
                                rtol=1e-6)
+
+
+def test_parzen_between_nearest_neighbour_and_its_kernel_scores():
+    """A narrow window decides like 1-NN; scores are the log kernel class means
+    even where every kernel value underflows float32 (far-away inputs)."""
+    rng = np.random.default_rng(5)
+    T, D, C = 40, 5, 3
+    labels = rng.integers(0, C, T)
+    x = jnp.asarray(rng.standard_normal((T, D)) * 4.0, jnp.float32)
+    y = jax.nn.one_hot(labels, C)
+    nn = nonparametric.nearest_neighbour_learner(D, C, memory_size=T)
+    narrow = nonparametric.parzen_learner(D, C, memory_size=T, bandwidth=1e-3)
+    _, out_nn = nn.unroll(None, nn.init_state(None), (x, y))
+    _, out_p = narrow.unroll(None, narrow.init_state(None), (x, y))
+    np.testing.assert_array_equal(np.argmax(out_p.logits, -1), np.argmax(out_nn.logits, -1))
+    assert np.isfinite(out_p.logits).all()
+    wide = nonparametric.parzen_learner(D, C, memory_size=T, bandwidth=0.5)
+    state, _ = wide.unroll(None, wide.init_state(None), (x, y))
+    q = np.asarray(x[:3]) + 100.0  # exp(-d2 / (2 h^2 D)) = exp(-~8000): 0 in float32
+    d2 = np.sum((np.asarray(x, np.float64)[None] - q[:, None]) ** 2, -1) / (2 * 0.25 * D)
+    want = np.stack([scipy.special.logsumexp(-d2[:, labels == c], axis=1)
+                     - np.log(np.sum(labels == c)) for c in range(C)], -1)
+    np.testing.assert_allclose(wide.predict(None, state, jnp.asarray(q, jnp.float32)), want,
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match="bandwidth=0"):
+        nonparametric.parzen_learner(D, C, bandwidth=0)
 
 
 def test_nearest_neighbour_memory_must_hold_the_stream():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import vsml_jax
+from vsml_jax import hlo_stats
 from vsml_jax.learners import vsml_learner
 from vsml_jax.meta import evolution, gradient, sharding
 from vsml_jax.meta.objective import EpisodeSpec, episodes_loss, sample_batch
@@ -86,21 +87,32 @@ def test_evolution_on_1_and_8_devices_gives_the_same_learner(clusters):
     _assert_same(results)
 
 
-def test_cloning_on_1_and_8_devices_gives_the_same_learner():
-    c = CloneConfig(stage="backprop", hidden_size=4, msg_size=4, micro_ticks=1,
+@pytest.mark.parametrize("stage", ["backprop", "nearest_mean"])
+def test_cloning_on_1_and_8_devices_gives_the_same_learner(stage):
+    extra = dict(eval_long_steps=2) if stage == "backprop" else {}
+    c = CloneConfig(stage=stage, hidden_size=4, msg_size=4, micro_ticks=1,
                     meta_test_layer_sizes=(4, 2), batch_size=16, unroll_steps=2,
-                    eval_cells=8, eval_long_steps=2)
+                    eval_cells=8, **extra)
     spec, cfg = c.spec(), c.vsml_config()
-    results = []
+    results, losses = [], []
     for n in (1, 8):
         mesh = sharding.device_mesh(jax.devices()[:n])
         init_fn, step_fn, _, shardings = _build(c, cfg, spec, mesh)
         state = jax.jit(init_fn, out_shardings=shardings)()
+        if n > 1:
+            # Each device unrolls its own cells: the gradient of V_M is summed
+            # once per step, not in every step of the unroll (a collective in
+            # a loop body would cross the network unroll_steps times).
+            text = step_fn.lower(state).compile().as_text()
+            colls = hlo_stats.collectives(text)
+            assert colls and not [k for k in colls if k.in_loop], colls
         for _ in range(3):
             state, metrics = step_fn(state)
         assert len(state["chains"].w.sharding.device_set) == n  # cells split over devices
         results.append(_leaves(state["train"]))
+        losses.append(float(metrics["loss"]))
     _assert_same(results)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_a_batch_that_does_not_divide_the_devices_is_a_clear_error(clusters):

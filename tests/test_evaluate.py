@@ -381,7 +381,8 @@ def test_evaluate_shuffle_pixels(tmp_path, data_dir):
         out_dir = tmp_path / f"out{shuffle}"
         cmd = [sys.executable, "-m", "experiments.evaluate",
                f"--checkpoint={tmp_path / 'ckpt'}", "--datasets=mnist",
-               "--episode_length=40", "--seeds=2", "--baselines=nearest_mean,nearest_neighbour",
+               "--episode_length=40", "--seeds=2",
+               "--baselines=nearest_mean,nearest_neighbour,parzen",
                f"--shuffle_pixels={shuffle}", "--test_every=20", "--test_examples=30",
                f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -390,7 +391,7 @@ def test_evaluate_shuffle_pixels(tmp_path, data_dir):
         assert summary["settings"]["shuffle_pixels"] == shuffle
         runs[shuffle] = summary["results"]["mnist"]
     plain, shuffled = runs[-1], runs[7]
-    for method in ("nearest_mean", "nearest_neighbour"):  # distances ignore pixel order
+    for method in ("nearest_mean", "nearest_neighbour", "parzen"):  # blind to pixel order
         for key in ("cum_acc@40", "test_acc_final"):
             assert plain[method]["metrics"][key]["per_seed"] == pytest.approx(
                 shuffled[method]["metrics"][key]["per_seed"], abs=1e-6)
@@ -406,6 +407,13 @@ def test_evaluate_refuses_a_nearest_neighbour_memory_that_does_not_fit(tmp_path)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "112.2 GiB; use fewer --seeds" in proc.stderr
+
+
+def test_parzen_bandwidth_must_be_positive():
+    from vsml_jax.runs.evaluate_settings import EvaluateConfig
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="--parzen_bandwidth=.* must be a positive number"):
+            EvaluateConfig(baselines=("parzen",), parzen_bandwidth=bad)
 
 
 def test_figures_and_labels_are_named_after_the_learner_and_data():

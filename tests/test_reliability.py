@@ -44,9 +44,12 @@ def test_second_run_on_a_live_workdir_is_refused(tmp_path):
          "--num_steps=1000000", "--checkpoint_every=100"],
         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
-    while not os.path.exists(os.path.join(workdir, ".lock")):
+    # Until the first run has written its config.json (it holds the lock from
+    # before its step compiles until it exits).
+    while not os.path.exists(os.path.join(workdir, "config.json")):
         assert first.poll() is None and time.time() - t0 < 120
         time.sleep(0.05)
+    assert os.path.exists(os.path.join(workdir, ".lock"))
     second = _meta_train(f"--workdir={workdir}", *TINY, "--hidden_size=3",
                          "--num_steps=2")
     # The first run is still live (it would take far longer than this test):

@@ -282,6 +282,37 @@ def test_memory_check_compiles_the_step_the_run_then_uses(tmp_path):
     assert len(step_compiles) == 1, step_compiles
 
 
+@pytest.mark.parametrize("kind", ["meta_train", "clone"])
+def test_a_locked_workdir_is_refused_before_the_step_compiles(tmp_path, kind):
+    """A second run on a live workdir fails on the lock at once: the memory
+    check, which compiles the step, runs only once the workdir is held."""
+    import logging
+    from vsml_jax.runs import clone, meta_train as mt
+    from vsml_jax.training.workdir import WorkdirLock
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    holder = WorkdirLock(workdir).acquire()
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(), pytest.raises(WorkdirLockedError):
+            if kind == "meta_train":
+                mt.train_and_evaluate(mt.MetaTrainConfig(
+                    dataset="synthetic", pool=4, synthetic_size=8, hidden_size=2,
+                    msg_size=2, micro_ticks=1, episode_length=2, batch_size=8,
+                    num_steps=2, eval_every=0), workdir)
+            else:
+                clone.train_and_evaluate(clone.CloneConfig(
+                    stage="nearest_mean", hidden_size=4, msg_size=4, micro_ticks=1,
+                    batch_size=8, unroll_steps=2, eval_cells=8, num_steps=2), workdir)
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+        holder.release()
+    assert not [m for m in messages if "jit(_step)" in m], messages
+
+
 def test_damaged_params_file_is_named_as_damaged_not_a_mismatch(tmp_path):
     import vsml_jax
     from vsml_jax.learners import vsml_learner

@@ -66,12 +66,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, ClassVar, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from vsml_jax import reference
 from vsml_jax.config import VSMLConfig
@@ -437,9 +439,41 @@ def clone_rollout(params: VSMLParams, spec: CloneSpec, batch: CloneBatch, stage:
     return outs, state
 
 
+def over_cells(rollout: Callable, mesh: Optional[Mesh]) -> Callable:
+    """`rollout(params, spec, batch, start, *rest)` with the K cells split over
+    `mesh` (its first axis), for data-parallel cloning.
+
+    The cells are independent, so each device runs its share of the T-step
+    scan with the same per-cell program (`jax.shard_map`); params (and `rest`)
+    are replicated. Run under sharding constraints alone, XLA all-reduced the
+    gradient of V_M inside the scan, once per step (measured with
+    `hlo_stats.collectives`); here it is summed once, where the gradient leaves
+    the map. batch: [K] and [T, K] arrays; start: LayerState [K, H] (required:
+    a default start would be built from the local K). Returns the rollout's
+    (outs [T, K] per name, final state [K, H]), split over the mesh.
+    """
+    if mesh is None or mesh.devices.size == 1:
+        return rollout
+    axis = mesh.axis_names[0]
+    split = lambda v: P(None, axis) if v.ndim == 2 else P(axis)  # [T, K] or [K]
+
+    def run(params, spec, batch, start, *rest):
+        local = lambda p, b, s, *r: rollout(p, spec, b, s, *r)
+        batch_specs = jax.tree_util.tree_map(split, batch)
+        return jax.shard_map(
+            local, mesh=mesh,
+            in_specs=(P(), batch_specs, P(axis)) + (P(),) * len(rest),
+            out_specs=(P(None, axis), P(axis)),
+            # check_vma=True sums the gradient of the replicated params where
+            # the scan uses them, i.e. inside the loop; unchecked, it is
+            # summed once at the map's boundary.
+            check_vma=False)(params, batch, start, *rest)
+    return run
+
+
 def clone_loss(params: VSMLParams, spec: CloneSpec, batch: CloneBatch, stage: str,
                encoding: Optional[StateEncoding] = None,
-               start: Optional[LayerState] = None
+               start: Optional[LayerState] = None, mesh: Optional[Mesh] = None
                ) -> Tuple[jax.Array, Tuple[Dict[str, jax.Array], LayerState]]:
     """Scalar Smooth-L1 cloning loss, metrics and the cells' final states.
 
@@ -448,10 +482,17 @@ def clone_loss(params: VSMLParams, spec: CloneSpec, batch: CloneBatch, stage: st
     units of lr); for "backprop" also upd_mae (stored w, b after the learn
     pass vs exact, units of lr), upd_rel (upd_mae / mean |exact update|, in the
     same units) and bwd_mae, bwd_rel (e').
+
+    mesh: split the cells over it (`over_cells`); loss and metrics are the
+    same as without, up to float reassociation.
     """
     if stage == "nearest_mean":
-        return nm_loss(params, spec, batch, start)
-    o, final = clone_rollout(params, spec, batch, stage, encoding, start)
+        return nm_loss(params, spec, batch, start, mesh)
+    if start is None:
+        start = encode_state(params.cfg, spec, batch.w0, batch.b0, encoding)
+    o, final = over_cells(
+        lambda p, sp, b, s, enc: clone_rollout(p, sp, b, stage, enc, s), mesh)(
+            params, spec, batch, start, encoding)
     d = spec.huber_delta
     hub = lambda r: jnp.mean(optax.huber_loss(r, delta=d))
     fwd = hub((o["y"] - o["y_target"]) / spec.fwd_unit)
@@ -743,15 +784,17 @@ def nm_rollout(params: VSMLParams, spec: CloneSpec, batch: CloneBatch,
 
 
 def nm_loss(params: VSMLParams, spec: CloneSpec, batch: CloneBatch,
-            start: Optional[LayerState] = None):
+            start: Optional[LayerState] = None, mesh: Optional[Mesh] = None):
     """Smooth-L1 loss of the nearest-mean clone: (loss, (metrics, final state)).
 
     Output residuals in units of fwd_unit, stored m and q (after each pass)
     in units of store_unit. Metrics: out_mae, out_rel (/ std of the target),
     m_mae, q_mae (after the learn pass), keep_mae (drift during the predict
-    pass).
+    pass). mesh: split the cells over it (`over_cells`).
     """
-    o, final = nm_rollout(params, spec, batch, start)
+    if start is None:
+        start = nm_zero_state(params.cfg, batch.x.shape[1])
+    o, final = over_cells(nm_rollout, mesh)(params, spec, batch, start)
     hub = lambda r: jnp.mean(optax.huber_loss(r, delta=spec.huber_delta))
     fwd = hub((o["out"] - o["out_target"]) / spec.fwd_unit)
     u = spec.store_unit

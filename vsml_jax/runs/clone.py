@@ -192,7 +192,7 @@ def _build(c: CloneConfig, cfg, spec, mesh):
             key, cfg, spec, shard_batch(chains, mesh), c.reset_prob, c.max_drift, c.stage,
             enc)
         loss, (metrics, final) = cloning.clone_loss(train["params"], spec, batch, c.stage,
-                                                    enc, start)
+                                                    enc, start, mesh)
         metrics["chain_abs_w"] = jnp.mean(jnp.abs(batch.w0))
         metrics["chain_restarts"] = jnp.mean(reset.astype(jnp.float32))
         return loss, (metrics, advanced.replace(state=final))
@@ -275,7 +275,6 @@ def train_and_evaluate(c: CloneConfig, workdir: str) -> RunOutcome:
         raise SettingsError(str(e)) from e
     # The loop builds the state replicated; the cells then move to their shards.
     init_sharded = jax.jit(init_fn, out_shardings=shardings)
-    _check_memory(c, step_fn, init_fn, shardings, mesh)
     t0 = time.time()
 
     def export(state, step, finished=False):
@@ -307,7 +306,8 @@ def train_and_evaluate(c: CloneConfig, workdir: str) -> RunOutcome:
                       eval_fn=eval_fn, eval_every=c.eval_every,
                       safe_to_change=SAFE_TO_CHANGE, on_checkpoint=export,
                       nan_advice="lower the learning rate (it may change on resume): "
-                                 f"`{rerun_command({'lr': f'{c.lr / 3:.3g}'})}`")
+                                 f"`{rerun_command({'lr': f'{c.lr / 3:.3g}'})}`",
+                      preflight=lambda: _check_memory(c, step_fn, init_fn, shardings, mesh))
     if not result.preempted:
         export(result.state, result.step, finished=True)
     return RunOutcome(params=runtime.to_host(result.state["train"]["params"]),

@@ -339,7 +339,8 @@ def _meta_test(config: EvaluateConfig, out_dir: str, shown: Dict[str, Any]
         for label, kind, path in baselines:
             if kind in NONPARAMETRIC_KINDS:
                 learner = nonparam.nonparametric_learner(
-                    input_size, num_classes, method=kind, memory_size=examples_per_stream)
+                    input_size, num_classes, method=kind, memory_size=examples_per_stream,
+                    bandwidth=c.parzen_bandwidth)
                 record(label, learner, None, {"source": "non-parametric"})
         gd = [(label, kind) for label, kind, path in baselines if kind in GD_KINDS]
         swept = [k for _, k in gd if not (k == "tanh_sgd" and tanh_sgd_lr is not None)]
@@ -386,6 +387,7 @@ def _meta_test(config: EvaluateConfig, out_dir: str, shown: Dict[str, Any]
                          "length": c.sweep_length or N,
                          "criterion": "mean cumulative online accuracy over the stream"},
             "gd_hidden": [int(h) for h in c.gd_hidden],
+            "parzen_bandwidth": c.parzen_bandwidth,
             "tanh_sgd": {"lr_flag": c.tanh_sgd_lr, "fixed_lr": tanh_sgd_lr,
                          "init_scale": c.tanh_sgd_init_scale},
             # The held-out images are the first `examples` of `split`.

@@ -56,6 +56,7 @@ class EvaluateConfig:
     test_examples: int = 1000
     test_split: str = "test"
     gd_hidden: Tuple[int, ...] = ()
+    parzen_bandwidth: float = nonparametric.DEFAULT_BANDWIDTH
     checkpoints: Tuple[int, ...] = (100, 500, 1000, 2000)
     window: int = 100
     chunk_size: int = 1000
@@ -69,7 +70,8 @@ class EvaluateConfig:
             "stream_batch": (0, None), "sweep_seeds": (1, None),
             "sweep_seed_offset": (0, None), "sweep_length": (0, None),
             "tanh_sgd_init_scale": (0, None), "test_every": (0, None),
-            "test_examples": (1, None), "window": (1, None), "chunk_size": (1, None)})
+            "test_examples": (1, None), "window": (1, None), "chunk_size": (1, None),
+            "parzen_bandwidth": (None, None, "positive")})
         if self.pool == 0:
             raise ValueError("--pool=0: give a pooling factor (1, 2 or 4) or -1 (the "
                              "--checkpoint's).")
@@ -153,13 +155,15 @@ def parse_baselines(specs: Sequence[str], taken: Tuple[str, ...] = ()
 
 def check_memory_of_nearest_neighbour(baselines, seeds: int, examples: int,
                                       input_size: int) -> None:
-    """SettingsError if the nearest_neighbour baseline's memories would not fit."""
-    if not any(kind == "nearest_neighbour" for _, kind, _ in baselines):
+    """SettingsError if a memory baseline's (nearest_neighbour, parzen)
+    memories would not fit."""
+    kinds = [kind for _, kind, _ in baselines if kind in ("nearest_neighbour", "parzen")]
+    if not kinds:
         return
     size = seeds * examples * input_size * 4
     if size > NEAREST_NEIGHBOUR_MAX_BYTES:
         raise SettingsError(
-            f"the nearest_neighbour baseline would hold {seeds} seeds x {examples:,} "
+            f"the {kinds[0]} baseline would hold {seeds} seeds x {examples:,} "
             f"examples x {input_size} float32 inputs = {size / 2**30:.1f} GiB; use fewer "
             "--seeds, a shorter --episode_length or a larger --pool, or drop it from "
             "--baselines.")

@@ -354,7 +354,6 @@ def train_and_evaluate(cfg: MetaTrainConfig, workdir: str, *,
         built = _build(cfg)
     except ValueError as e:  # a setting that does not fit the data or devices
         raise SettingsError(str(e)) from e
-    check_memory(cfg, built)
     return _train(cfg, workdir, built, restore_step, allow_data_change)
 
 
@@ -492,7 +491,8 @@ def _train(cfg: MetaTrainConfig, workdir: str, b: _Built, restore_step=None,
                       mesh=b.mesh, on_checkpoint=export, nan_advice=b.nan_advice,
                       max_to_keep=cfg.max_to_keep, restore_step=restore_step,
                       checkpoint_meta={"data": b.data_fingerprint},
-                      allow_data_change=allow_data_change)
+                      allow_data_change=allow_data_change,
+                      preflight=lambda: check_memory(cfg, b))
     if not result.preempted:
         export(result.state, result.step, finished=True)
         if runtime.is_primary():

@@ -155,7 +155,8 @@ def run(workdir: str, init_fn: Callable[[], Any],
                           "clipping, and run the same command again",
         restore_step: Optional[int] = None,
         checkpoint_meta: Optional[Mapping[str, Any]] = None,
-        allow_data_change: bool = False) -> RunResult:
+        allow_data_change: bool = False,
+        preflight: Optional[Callable[[], Any]] = None) -> RunResult:
     """Runs (or resumes) training in `workdir` up to `num_steps` steps.
 
     Every process of a multi-process job calls it with the same arguments:
@@ -194,6 +195,10 @@ def run(workdir: str, init_fn: Callable[[], Any],
         (with config_dict and an array checksum) in every checkpoint.
       allow_data_change: resume even when checkpoint_meta["data"] differs from
         the checkpoint's (recorded in config.json).
+      preflight: () -> anything, called on every process once the workdir is
+        locked and before the state is built (e.g. a memory check that
+        compiles the step): a second run on a live workdir is refused at once,
+        not after minutes of compiling.
     Returns:
       RunResult (the final state, its step, whether SIGTERM stopped the run).
     Raises:
@@ -213,6 +218,8 @@ def run(workdir: str, init_fn: Callable[[], Any],
         lock.acquire()
     runtime.sync("vsml_jax:workdir_ready")
     try:
+        if preflight is not None:
+            preflight()
         return _run_locked(workdir, init_fn, step_fn, num_steps, config_dict,
                            checkpoint_every, log_every, eval_fn, eval_every, loss_key,
                            safe_to_change, max_to_keep, mesh, on_checkpoint, nan_advice,
