@@ -55,13 +55,23 @@ def plot_learning_curves(panels: Mapping[str, Mapping[str, Curve]], path: str, *
             color = colors[methods.index(method) % len(colors)]
             ax.plot(x, mean, label=method, color=color, lw=1.5)
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
-        ax.set_title(panel)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        if ylim is not None:
-            ax.set_ylim(*ylim)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        _dress(ax, panel, xlabel, ylabel, ylim)
+    return _save(fig, path, title)
+
+
+def _dress(ax, panel: str, xlabel: str, ylabel: str, ylim) -> None:
+    """Title, labels, limits, grid and legend of one panel."""
+    ax.set_title(panel)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def _save(fig, path: str, title: Optional[str]) -> str:
+    """Writes the figure to path (with an overall title) and closes it."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -103,15 +113,5 @@ def plot_held_out_curves(panels: Dict[str, Dict[str, Tuple[np.ndarray, np.ndarra
             color = colors[methods.index(method) % len(colors)]
             ax.plot(x, mean, label=method, color=color, lw=1.5, marker=".")
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
-        ax.set_title(panel)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(0.0, 1.0)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        _dress(ax, panel, xlabel, ylabel, (0.0, 1.0))
+    return _save(fig, path, title)
