@@ -14,7 +14,13 @@ script measures how far rules that keep every example get there:
    seeds 0..9), next to every candidate, for comparison with the
    `experiments.evaluate` table of docs/general.md.
 
-    VSML_DATA_DIR=... python docs/measured/memory_rules/sweep.py   # ~3 min on 2 cores
+    VSML_DATA_DIR=... python docs/measured/memory_rules/sweep.py   # ~4 min on 2 cores
+
+3. measure, on the same MNIST and Fashion-MNIST *train* streams, variants
+   that a VS-ML learner with a memory of slots would meet (docs/general.md,
+   "What the goal needs"): only the first K examples kept, every 4th kept,
+   the kernel summed instead of averaged per class, an L1 (Laplace) kernel.
+   These are numpy, not package learners: none of them is offered as one.
 
 Writes its tables to stdout (docs/measured/memory_rules/streams.md holds one run).
 """
@@ -53,6 +59,34 @@ def cumulative(inputs, labels, seeds, bandwidth):
     return acc.mean(), [cum[:, n - 1].mean() for n in CHECKPOINTS]
 
 
+def variant(inputs, labels, h, *, metric="l2", per_class_mean=True, kept=None):
+    """Cumulative online accuracy at CHECKPOINTS of a Parzen-window variant.
+
+    inputs [S, T, D] (already squashed), one-hot labels [S, T, C]; kept: None
+    or a [T] 0/1 mask of the stream positions the memory keeps.
+    """
+    inputs, labels = np.asarray(inputs, np.float64), np.asarray(labels)
+    S, T, D = inputs.shape
+    earlier = np.tril(np.ones((T, T)), -1) * (1.0 if kept is None else kept[None])
+    hits = []
+    for x, y in zip(inputs, labels):
+        if metric == "l2":
+            sq = (x * x).sum(1)
+            log_k = -np.maximum(sq[:, None] + sq[None] - 2 * x @ x.T, 0) / (2 * h * h * D)
+        else:
+            log_k = -np.abs(x[:, None] - x[None]).mean(-1) / h
+        top = log_k.max(1, keepdims=True)
+        count = earlier @ y
+        score = np.log((np.exp(log_k - top) * earlier) @ y + 1e-300) + top
+        if per_class_mean:
+            score = score - np.log(np.maximum(count, 1))
+        score = np.where(count > 0, score, -np.inf)
+        score[0] = 0.0
+        hits.append(score.argmax(1) == y.argmax(1))
+    cum = np.cumsum(hits, axis=1) / np.arange(1, T + 1)
+    return [cum[:, n - 1].mean() for n in CHECKPOINTS]
+
+
 def main():
     sweep_seeds, test_seeds = list(range(1_000_000, 1_000_010)), list(range(10))
     train, (xs, ys) = streams("mnist", "train", sweep_seeds)
@@ -82,6 +116,25 @@ def main():
             _, cum = cumulative(SQUASH[best[0]](xt, lo), yt, test_seeds, best[1])
             print(f"| {best[0]} (chosen) | {best[1]} | " + " | ".join(f"{c:.3f}" for c in cum)
                   + " |")
+        print()
+    g, h = SQUASH["sqrt(x - min)"], 0.075
+    t = np.arange(2000)
+    variants = [
+        ("all examples (the chosen rule)", {}),
+        ("kernel summed, not averaged, per class", dict(per_class_mean=False)),
+        ("only the first 500 examples kept", dict(kept=(t < 500).astype(float))),
+        ("only every 4th example kept", dict(kept=(t % 4 == 0).astype(float))),
+        ("L1 (Laplace) kernel, width 0.02", dict(metric="l1")),
+        ("L1 (Laplace) kernel, width 0.04", dict(metric="l1")),
+    ]
+    for name in ("mnist", "fashion_mnist"):
+        _, (xv, yv) = streams(name, "train", sweep_seeds)
+        print(f"## {name} train streams: memory variants, g = sqrt(x - min), h = {h}\n")
+        print("| variant | N=100 | 500 | 1,000 | 2,000 |\n|---|---|---|---|---|")
+        for label, kw in variants:
+            width = float(label.rsplit(" ", 1)[-1]) if kw.get("metric") == "l1" else h
+            cum = variant(g(xv, lo), yv, width, **kw)
+            print(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cum) + " |", flush=True)
         print()
 
 
