@@ -8,6 +8,7 @@ along as static (aux) data inside `VSMLParams`, which is why
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 CELLS = ("lstm", "vanilla")
@@ -66,6 +67,12 @@ class VSMLConfig:
         message layer l+1 sent after its learn tick, so the error reaches every
         layer of a stack for the same x_t (backprop's backward pass; for one
         layer it is predict_then_learn).
+      clock_slot: -1 (off), or the slot of layer 0's forward message that
+        carries the clock: clock_scale x the number of steps the state has
+        taken (`VSMLState.step`), the same value for every input neuron. With
+        coordinates, a cell can compare it with its own position, e.g. to act
+        at one step of the stream only (`vsml_jax.slot_memory`).
+      clock_scale: the clock's increment per step (> 0).
       param_init_scale: multiplies the default initialisation of V_M.
       dtype: float dtype of V_M and V_L ("bfloat16" is meant for accelerators).
     """
@@ -92,6 +99,8 @@ class VSMLConfig:
     coordinates: bool = False
     slot_messages: bool = False
     protocol: str = "delayed_error"
+    clock_slot: int = -1
+    clock_scale: float = 1.0
     param_init_scale: float = 1.0
     dtype: str = "float32"
 
@@ -163,6 +172,15 @@ class VSMLConfig:
             if self.label_slot == self.error_slot:
                 bad(f"label_slot and error_slot are both {self.error_slot}; the error "
                     "and the label need separate slots of the backward message.")
+        if self.clock_slot != -1:
+            if not 0 <= self.clock_slot < m:
+                bad(f"clock_slot={self.clock_slot} does not fit in msg_size={m}; use a "
+                    f"slot in [0, {m - 1}] or -1 (no clock).")
+            if self.clock_slot == self.input_slot:
+                bad(f"clock_slot and input_slot are both {self.input_slot}; the clock "
+                    "needs its own slot of layer 0's forward message.")
+        if not (math.isfinite(self.clock_scale) and self.clock_scale > 0):
+            bad(f"clock_scale={self.clock_scale} must be a finite number > 0.")
         if self.state_clip is not None and self.state_clip <= 0:
             bad(f"state_clip={self.state_clip} must be positive or None.")
         if not 0.0 <= self.init_random_fraction <= 1.0:

@@ -111,13 +111,13 @@ def vsml_predict(params, state, inputs: jax.Array, impl: str = "fast") -> jax.Ar
     """
     cfg = params.cfg
     check_inputs(f"vsml predict (layer_sizes={cfg.layer_sizes})", inputs, cfg.input_size)
-    layers = state.layers
+    layers, step = state.layers, state.step
     if state.error.ndim == 2:  # [K, C]: K averaged copies, all equal
-        layers = jax.tree_util.tree_map(lambda a: a[0], layers)
+        layers, step = jax.tree_util.tree_map(lambda a: a[0], (layers, step))
     # predict_pass checks these too, but inside lax.map; here the message names us.
     network._check_layers(cfg, layers, "vsml predict")
     dtype = jnp.dtype(cfg.dtype)
-    one = lambda x: predict_pass(params, layers, x, impl)[1]
+    one = lambda x: predict_pass(params, layers, x, impl, step)[1]
     # One image at a time: vmapping over images multiplies the per-cell
     # [A, B, 4H] temporaries and runs several times slower on CPU.
     return jax.lax.map(one, inputs.astype(dtype))

@@ -70,9 +70,15 @@ def _kernel(impl: str) -> types.ModuleType:
     raise ValueError(f"impl={impl!r} is unknown; use 'fast', 'pallas' or 'reference'.")
 
 
-def input_message(cfg: VSMLConfig, x: jax.Array) -> jax.Array:
-    """[A, m] forward message of layer 0: x_a on `input_slot`, zeros elsewhere."""
-    return _slot_message(cfg.msg_size, {cfg.input_slot: x})
+def input_message(cfg: VSMLConfig, x: jax.Array, step=0) -> jax.Array:
+    """[A, m] forward message of layer 0: x_a on `input_slot`, the clock
+    (step x clock_scale, for every a) on `clock_slot` if there is one, zeros
+    elsewhere. step: examples seen before x (`VSMLState.step`)."""
+    slots = {cfg.input_slot: x}
+    if cfg.clock_slot >= 0:
+        clock = jnp.asarray(step, jnp.float32) * cfg.clock_scale
+        slots[cfg.clock_slot] = jnp.full(x.shape, clock, x.dtype)
+    return _slot_message(cfg.msg_size, slots)
 
 
 def error_message(cfg: VSMLConfig, error: jax.Array, label: jax.Array) -> jax.Array:
@@ -108,9 +114,10 @@ def readout(cfg: VSMLConfig, out_msg: jax.Array) -> jax.Array:
 
 
 def forward_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Array,
-                 err_msg: jax.Array, impl: str = "fast"
+                 err_msg: jax.Array, impl: str = "fast", step=0
                  ) -> Tuple[Tuple[LayerState, ...], jax.Array]:
     """Ticks every layer once through the stack on input x [A0] and error message.
+    step: the clock's step count (`input_message`; unused without a clock).
 
     Backward messages between layers come from the states *before* this pass
     (they travel one data point behind, like the error itself); forward
@@ -127,21 +134,22 @@ def forward_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Arra
             f"[{cfg.num_classes}, {cfg.msg_size}] (classes, msg_size), as built by "
             "error_message(cfg, error [C], label [C]).")
     _check_layers(cfg, layers, "forward_pass")
-    return _forward(params, layers, x, err_msg, impl, top_error=False)
+    return _forward(params, layers, x, err_msg, impl, top_error=False, step=step)
 
 
 def _forward(params: VSMLParams, layers, x: jax.Array, err_msg: jax.Array, impl: str,
-             top_error: bool):
+             top_error: bool, step=0):
     """`forward_pass` without the checks; top_error: err_msg is an `error_message`."""
     L = params.cfg.num_layers
     bwd_ins = [_backward_input(params, layers, l, impl) for l in range(L - 1)] + [err_msg]
-    layers, logits, _ = _bottom_up(params, layers, x, bwd_ins, impl, top_error)
+    layers, logits, _ = _bottom_up(params, layers, x, bwd_ins, impl, top_error, step)
     return layers, logits
 
 
 def predict_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Array,
-                 impl: str = "fast") -> Tuple[Tuple[LayerState, ...], jax.Array]:
+                 impl: str = "fast", step=0) -> Tuple[Tuple[LayerState, ...], jax.Array]:
     """The no-error tick the predict_then_* protocols predict with: x [A0].
+    step: the clock's step count (`input_message`; unused without a clock).
 
     No error at the top; under "predict_then_backprop" no layer reads a
     backward message either (the error sweep comes afterwards), otherwise the
@@ -152,11 +160,11 @@ def predict_pass(params: VSMLParams, layers: Tuple[LayerState, ...], x: jax.Arra
     """
     _check_input_vector(params.cfg, x, "predict_pass")
     _check_layers(params.cfg, layers, "predict_pass")
-    layers, logits, _ = _predict_tick(params, layers, x, impl)
+    layers, logits, _ = _predict_tick(params, layers, x, impl, step)
     return layers, logits
 
 
-def _predict_tick(params: VSMLParams, layers, x: jax.Array, impl: str):
+def _predict_tick(params: VSMLParams, layers, x: jax.Array, impl: str, step=0):
     """`predict_pass`, also returning the forward input each layer read."""
     cfg = params.cfg
     zeros = jnp.zeros((cfg.num_classes,), x.dtype)
@@ -165,7 +173,7 @@ def _predict_tick(params: VSMLParams, layers, x: jax.Array, impl: str):
     else:
         lower = [_backward_input(params, layers, l, impl) for l in range(cfg.num_layers - 1)]
     return _bottom_up(params, layers, x, lower + [error_message(cfg, zeros, zeros)], impl,
-                      top_error=True)
+                      top_error=True, step=step)
 
 
 def _ticks(impl: str, params: VSMLParams, layers, l: int, fwd_in, bwd_in, top_error: bool):
@@ -185,7 +193,8 @@ def _ticks(impl: str, params: VSMLParams, layers, l: int, fwd_in, bwd_in, top_er
 
 def _slots(cfg: VSMLConfig, l: int, top_error: bool):
     """(fwd_slots, bwd_slots): the message columns layer l reads that can be non-zero."""
-    fwd_slots = (cfg.input_slot,) if l == 0 or cfg.slot_messages else None
+    clock = (cfg.clock_slot,) if l == 0 and cfg.clock_slot >= 0 else ()
+    fwd_slots = (cfg.input_slot,) + clock if l == 0 or cfg.slot_messages else None
     if top_error:
         bwd_slots = (cfg.error_slot,) + ((cfg.label_slot,) if cfg.feed_label else ())
     else:
@@ -201,15 +210,16 @@ def _backward_input(params: VSMLParams, layers, l: int, impl: str) -> jax.Array:
 
 
 def _bottom_up(params: VSMLParams, layers, x: jax.Array, bwd_ins, impl: str,
-               top_error: bool):
+               top_error: bool, step=0):
     """One tick of every layer, bottom to top, with the given backward inputs.
 
     top_error: bwd_ins[-1] is an `error_message` (only its error/label slots set).
+    step: the clock's step count (`input_message`).
 
     Returns (new layer states, logits [C], the forward input each layer read).
     """
     cfg, k = params.cfg, _kernel(impl)
-    fwd_in, fwd_ins, new_layers = input_message(cfg, x), [], []
+    fwd_in, fwd_ins, new_layers = input_message(cfg, x, step), [], []
     for l in range(cfg.num_layers):
         p = params.layer(l)
         fwd_ins.append(fwd_in)
@@ -222,7 +232,8 @@ def _bottom_up(params: VSMLParams, layers, x: jax.Array, bwd_ins, impl: str,
             s = _ticks(impl, params, layers, l, fwd_in, bwd_ins[l], top)
             fwd_in = k.forward_messages(p, cfg, s)
         if cfg.slot_messages and l < cfg.num_layers - 1:
-            fwd_in = input_message(cfg, cfg.readout_scale * fwd_in[:, cfg.output_slot])
+            fwd_in = _slot_message(cfg.msg_size, {
+                cfg.input_slot: cfg.readout_scale * fwd_in[:, cfg.output_slot]})
         new_layers.append(s)
     return tuple(new_layers), readout(cfg, fwd_in), fwd_ins
 
@@ -326,22 +337,25 @@ def _step(params: VSMLParams, state: VSMLState, x: jax.Array, y: jax.Array,
           impl: str) -> Tuple[VSMLState, StepOutput]:
     """`step` without the checks (`unroll` checks the whole episode once)."""
     cfg = params.cfg
+    t = state.step
     if cfg.protocol == "delayed_error":
         err_msg = error_message(cfg, state.error, state.label)
-        layers, logits = _forward(params, state.layers, x, err_msg, impl, top_error=True)
+        layers, logits = _forward(params, state.layers, x, err_msg, impl, top_error=True,
+                                  step=t)
         error, out = _outputs(cfg, logits, y)
     else:  # predict_then_*: predict with no feedback, then learn from e_t.
-        layers, logits, fwd_ins = _predict_tick(params, state.layers, x, impl)
+        layers, logits, fwd_ins = _predict_tick(params, state.layers, x, impl, t)
         error, out = _outputs(cfg, logits, y)
         err_msg = error_message(cfg, error, y)
         if cfg.protocol == "predict_then_learn":
-            layers, _ = _forward(params, layers, x, err_msg, impl, top_error=True)
+            layers, _ = _forward(params, layers, x, err_msg, impl, top_error=True, step=t)
         else:
             # predict_then_backprop: after the no-error tick, the learn sweep
             # from the top (_top_down). Every layer ticks twice per example,
             # (x, 0) then (x, e), which is what a cloned cell was trained on.
             layers = _top_down(params, layers, fwd_ins, err_msg, impl)
-    return VSMLState(layers=layers, error=error, label=y.astype(error.dtype)), out
+    return VSMLState(layers=layers, error=error, label=y.astype(error.dtype),
+                     step=t + 1), out
 
 
 def _batch_averaged_step(params, state, x, y, impl):

@@ -9,6 +9,7 @@ plus what the online protocol carries from one example to the next:
 
     error [C]     e_{t-1}, the error of the previous prediction
     label [C]     y_{t-1}, the previous one-hot label (used if cfg.feed_label)
+    step []       examples seen so far (int32; the clock if cfg.clock_slot >= 0)
 
 A batch of episodes simply adds leading axes (use `jax.vmap`).
 """
@@ -32,9 +33,13 @@ class LayerState:
 
 @struct.dataclass
 class VSMLState:
+    """V_L of one episode: every layer's cell states, the last error and label
+    fed back, and step, the number of examples seen (int32 []; the clock of
+    `VSMLConfig.clock_slot`)."""
     layers: Tuple[LayerState, ...]
     error: jax.Array
     label: jax.Array
+    step: jax.Array
 
 
 def _init_layer_state(key: jax.Array, cfg: VSMLConfig, A: int, B: int) -> LayerState:
@@ -59,7 +64,8 @@ def init_state(key: jax.Array, cfg: VSMLConfig) -> VSMLState:
     layers = tuple(_init_layer_state(keys[l], cfg, sizes[l], sizes[l + 1])
                    for l in range(cfg.num_layers))
     zeros = jnp.zeros((cfg.num_classes,), jnp.dtype(cfg.dtype))
-    return VSMLState(layers=layers, error=zeros, label=zeros)
+    return VSMLState(layers=layers, error=zeros, label=zeros,
+                     step=jnp.zeros((), jnp.int32))
 
 
 def init_states(key: jax.Array, cfg: VSMLConfig, batch_size: int) -> VSMLState:

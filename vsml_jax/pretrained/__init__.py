@@ -284,6 +284,12 @@ def _check_shapes(template: Any, params: Any, problem: str) -> None:
                                f"{want}).")
 
 
+def config_dict(learner: Learner) -> Dict[str, Any]:
+    """The learner's config as the JSON object learner.json stores."""
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(learner.config).items()}
+
+
 def save_learner(directory: str, learner: Learner, params: Any,
                  flags: Optional[Dict[str, Any]] = None,
                  extra: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
@@ -303,8 +309,6 @@ def save_learner(directory: str, learner: Learner, params: Any,
     if learner.name not in LEARNER_TYPES or not dataclasses.is_dataclass(learner.config):
         raise LearnerFileError(f"cannot save learner {learner.name!r}: known learners are "
                                f"{', '.join(LEARNER_TYPES)}.")
-    config = {k: (list(v) if isinstance(v, tuple) else v)
-              for k, v in dataclasses.asdict(learner.config).items()}
-    return checkpointing.save_learner_dir(directory, params, config,
+    return checkpointing.save_learner_dir(directory, params, config_dict(learner),
                                           {"flags": dict(flags or {}), **(extra or {})},
                                           learner=learner.name)
