@@ -17,8 +17,8 @@ express such a rule, with every cell of a layer running the same LSTM:
   is now (the window) on a second message slot.
 - Layer 2, cell (k, c): while slot k's window is open it stores the label y_c
   fed back after the prediction (so 1 if slot k's example is of class c);
-  it sends that times its LSTM output gate, sigmoid(-gamma d_k + b0), i.e. a
-  Gaussian kernel of the distance (sigmoid(z) ~ exp(z) for z << 0).
+  it sends that times two LSTM output gates, sigmoid(z / 2)^2 with z = -gamma
+  d_k + b0, i.e. a Gaussian kernel of the distance (~ exp(z) for z << 0).
 
 Output c is then the kernel summed over the stored examples of class c: an
 online Parzen window over the first K examples of the stream, on squashed
@@ -144,14 +144,22 @@ def _slot_layer(num_slots: int, squash: float) -> Dict[str, np.ndarray]:
 
 
 def _class_layer(gamma: float, shift: float) -> Dict[str, np.ndarray]:
-    """V_M of layer 2 (cells (k, c)): unit 0 holds the label of slot k's
-    example; its output gate is the kernel of the slot's distance."""
-    p, L = _zeros(), 0
+    """V_M of layer 2 (cells (k, c)): unit L holds the label of slot k's
+    example and sends it through the output gate sigmoid(z / 2), z = -gamma
+    d_k + b0; unit M takes that and sends it through a second sigmoid(z / 2).
+    The kernel is their product, sigmoid(z / 2)^2 ~ exp(z) for z << 0: split
+    over two gates because a gate computed as (1 + tanh(z / 2)) / 2 (the fast
+    kernels) is 0 in float32 below z ~ -17, and early in a stream every stored
+    example can be that far (docs/general.md)."""
+    p, L, M = _zeros(), 0, 1
     p["w_f"][1, _I + L], p["bias"][_I + L] = 2 * SAT, -SAT    # write inside the window
     p["w_f"][1, _F + L], p["bias"][_F + L] = -2 * SAT, SAT    # keep outside it
     p["w_b"][2, _G + L] = SAT                                 # the label y_c
-    p["w_f"][0, _O + L], p["bias"][_O + L] = -gamma, shift    # sigmoid(-gamma d_k + b0)
-    p["c_fwd"][L, 0] = 1.0
+    p["bias"][_I + M], p["bias"][_F + M] = SAT, -SAT          # M: c = tanh(h_L)
+    p["w_h"][L, _G + M] = 1.0
+    for u in (L, M):                                          # sigmoid(z / 2)
+        p["w_f"][0, _O + u], p["bias"][_O + u] = -gamma / 2.0, shift / 2.0
+    p["c_fwd"][M, 0] = 1.0
     return p
 
 
@@ -162,8 +170,8 @@ def slot_memory_params(cfg: VSMLConfig, squash: float = SQUASH,
 
     Args:
       squash: phi(x) = tanh(tanh(squash (x - X_MIN))).
-      kernel_scale, kernel_shift: the kernel is sigmoid(-kernel_scale x mean_a
-        (phi(x_a) - phi(s_a))^2 + kernel_shift).
+      kernel_scale, kernel_shift: the kernel is sigmoid(z / 2)^2 ~ exp(z), z =
+        -kernel_scale x mean_a (phi(x_a) - phi(s_a))^2 + kernel_shift.
     """
     if (cfg.num_layers != 2 or cfg.hidden_size != HIDDEN or cfg.msg_size != MSG
             or cfg.clock_slot != 1 or not cfg.coordinates or cfg.tie_layers):
@@ -189,10 +197,10 @@ def rule_scores(stored, labels, x, squash: float = SQUASH,
     """The rule the learner runs, written directly: scores [C] of input x [A]
     given stored examples [N, A] (the first N <= K of the stream) with one-hot
     labels [N, C]: sum over stored examples of class c of
-    sigmoid(-kernel_scale x mean_a (phi(x_a) - phi(s_a))^2 + kernel_shift),
-    up to the learner's readout constant tanh(1)."""
+    sigmoid(z / 2)^2, z = -kernel_scale x mean_a (phi(x_a) - phi(s_a))^2 +
+    kernel_shift, up to the learner's constant factor tanh(1)."""
     d = jnp.mean((squashed(x, squash)[None] - squashed(stored, squash)) ** 2, axis=-1)
-    kernel = 1.0 / (1.0 + jnp.exp(kernel_scale * d - kernel_shift))
+    kernel = (1.0 / (1.0 + jnp.exp((kernel_scale * d - kernel_shift) / 2.0))) ** 2
     return kernel @ labels
 
 
