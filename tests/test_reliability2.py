@@ -4,9 +4,11 @@ and paths fail loudly (library level: in-process, real orbax checkpoints).
 The NaN stop's printed command is run to the end by
 test_reliability.py::test_nan_stop_gives_a_command_that_resumes (entry point).
 """
+import contextlib
 import errno
 import glob
 import json
+import logging
 import os
 
 import jax
@@ -258,24 +260,31 @@ def test_a_step_too_big_for_memory_is_refused_before_the_run(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_memory_check_compiles_the_step_the_run_then_uses(tmp_path):
-    """The estimate's compilation is the run's: jit(_step) is compiled once."""
-    import logging
-    from vsml_jax.runs import meta_train as mt
-    cfg = MetaTrainConfig(dataset="synthetic", pool=4, synthetic_size=8, hidden_size=2,
-                          msg_size=2, micro_ticks=1, episode_length=2, batch_size=8,
-                          num_steps=2, eval_every=0, log_every=1)
+@contextlib.contextmanager
+def _compile_log():
+    """Yields the list of JAX's log messages (compilations included, via
+    jax.log_compiles) written while the block runs."""
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
     logging.getLogger("jax").addHandler(handler)
     try:
         with jax.log_compiles():
-            built = mt._build(cfg)
-            need = mt.check_memory(cfg, built)
-            mt._train(cfg, str(tmp_path / "run"), built)
+            yield messages
     finally:
         logging.getLogger("jax").removeHandler(handler)
+
+
+def test_memory_check_compiles_the_step_the_run_then_uses(tmp_path):
+    """The estimate's compilation is the run's: jit(_step) is compiled once."""
+    from vsml_jax.runs import meta_train as mt
+    cfg = MetaTrainConfig(dataset="synthetic", pool=4, synthetic_size=8, hidden_size=2,
+                          msg_size=2, micro_ticks=1, episode_length=2, batch_size=8,
+                          num_steps=2, eval_every=0, log_every=1)
+    with _compile_log() as messages:
+        built = mt._build(cfg)
+        need = mt.check_memory(cfg, built)
+        mt._train(cfg, str(tmp_path / "run"), built)
     assert need and need < 2 ** 30
     step_compiles = [m for m in messages if m.startswith("Finished XLA compilation of "
                                                           "jit(_step)")]
@@ -286,18 +295,13 @@ def test_memory_check_compiles_the_step_the_run_then_uses(tmp_path):
 def test_a_locked_workdir_is_refused_before_the_step_compiles(tmp_path, kind):
     """A second run on a live workdir fails on the lock at once: the memory
     check, which compiles the step, runs only once the workdir is held."""
-    import logging
     from vsml_jax.runs import clone, meta_train as mt
     from vsml_jax.training.workdir import WorkdirLock
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
     holder = WorkdirLock(workdir).acquire()
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("jax").addHandler(handler)
     try:
-        with jax.log_compiles(), pytest.raises(WorkdirLockedError):
+        with _compile_log() as messages, pytest.raises(WorkdirLockedError):
             if kind == "meta_train":
                 mt.train_and_evaluate(mt.MetaTrainConfig(
                     dataset="synthetic", pool=4, synthetic_size=8, hidden_size=2,
@@ -308,7 +312,6 @@ def test_a_locked_workdir_is_refused_before_the_step_compiles(tmp_path, kind):
                     stage="nearest_mean", hidden_size=4, msg_size=4, micro_ticks=1,
                     batch_size=8, unroll_steps=2, eval_cells=8, num_steps=2), workdir)
     finally:
-        logging.getLogger("jax").removeHandler(handler)
         holder.release()
     assert not [m for m in messages if "jit(_step)" in m], messages
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import os
 from typing import Dict, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,7 +67,7 @@ SQUASH = 0.3
 KERNEL_SCALE = 900.0
 KERNEL_SHIFT = 4.0
 # Inner scales of the distance units: small enough that tanh is linear to
-# ~1% on squashed pixels (|phi| < 0.62), so d_k = LAM^2 KAPPA / 2 x the
+# ~1% on squashed pixels (|phi| < 0.62), so d_k = LAM^2 MU KAPPA / 2 x the
 # mean squared distance.
 LAM, MU, KAPPA = 0.2, 1.0, 2.0
 
@@ -118,10 +119,10 @@ def _slot_layer(num_slots: int, squash: float) -> Dict[str, np.ndarray]:
         p["w_f"][1, _G + u] = beta
         p["w_coord"][1, _G + u] = -beta
         p["bias"][_G + u] = beta * offset * delta
-    rewrite(V), output(V)
-    p["w_f"][0, _G + V], p["bias"][_G + V] = squash, -squash * X_MIN
-    output(S)
-    p["w_f"][0, _G + S], p["bias"][_G + S] = squash, -squash * X_MIN
+    rewrite(V)
+    for u in (V, S):                  # the same phi(x_a), so h_V - h_S is phi(x_a) - phi(s_ak)
+        output(u)
+        p["w_f"][0, _G + u], p["bias"][_G + u] = squash, -squash * X_MIN
     for gate, sign in ((_I, 1.0), (_F, -1.0)):   # write: window open and latch not set
         p["w_h"][U1, gate + S], p["w_h"][U2, gate + S] = sign * kap, -sign * kap
         p["w_h"][F, gate + S] = -sign * 2.0 * kap
@@ -200,7 +201,7 @@ def rule_scores(stored, labels, x, squash: float = SQUASH,
     sigmoid(z / 2)^2, z = -kernel_scale x mean_a (phi(x_a) - phi(s_a))^2 +
     kernel_shift, up to the learner's constant factor tanh(1)."""
     d = jnp.mean((squashed(x, squash)[None] - squashed(stored, squash)) ** 2, axis=-1)
-    kernel = (1.0 / (1.0 + jnp.exp((kernel_scale * d - kernel_shift) / 2.0))) ** 2
+    kernel = jax.nn.sigmoid((kernel_shift - kernel_scale * d) / 2.0) ** 2
     return kernel @ labels
 
 

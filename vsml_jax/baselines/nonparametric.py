@@ -48,6 +48,8 @@ from vsml_jax.learners import Learner, check_inputs, check_stream
 from vsml_jax.network import StepOutput, correct_from_logits
 
 METHODS = ("nearest_mean", "nearest_neighbour", "parzen")
+# The methods that keep every example in a memory of memory_size rows.
+MEMORY_METHODS = ("nearest_neighbour", "parzen")
 # Parzen's default bandwidth, a compromise between the start and the end of a
 # stream: on 10 streams of 2,000 MNIST *train* examples at 7x7
 # (docs/measured/memory_rules/streams.md) it is 0.5 points below the best of
@@ -113,7 +115,7 @@ class NonparametricState:
 def init_state(cfg: NonparametricConfig) -> NonparametricState:
     """Empty memory. No randomness: these learners start the same every episode."""
     D, C = cfg.num_inputs, cfg.num_classes
-    knn = cfg.method != "nearest_mean"  # a memory of examples
+    knn = cfg.method in MEMORY_METHODS
     M = cfg.memory_size if knn else 0
     return NonparametricState(
         sums=jnp.zeros((C, 0 if knn else D), jnp.float32),
@@ -204,7 +206,7 @@ def unroll(cfg: NonparametricConfig, state: NonparametricState,
     if not batched:
         inputs, labels = inputs[:, None], labels[:, None]
     T, K = inputs.shape[:2]
-    if cfg.method != "nearest_mean" and T * K > cfg.memory_size:
+    if cfg.method in MEMORY_METHODS and T * K > cfg.memory_size:
         raise ValueError(f"{cfg.method}: the stream feeds {T * K} examples but "
                          f"memory_size={cfg.memory_size}; build the learner with "
                          f"memory_size >= {T * K}.")

@@ -74,7 +74,7 @@ from vsml_jax.runs.evaluate_report import (  # noqa: F401
     write_report)
 from vsml_jax.runs.evaluate_settings import (  # noqa: F401
     CHECKPOINT_KINDS, GD_KINDS, NEAREST_NEIGHBOUR_MAX_BYTES, NONPARAMETRIC_KINDS, SPLITS,
-    EvaluateConfig, check_dataset_specs, check_memory_of_nearest_neighbour,
+    EvaluateConfig, check_dataset_specs, check_example_memories,
     check_runs_on_streams, check_stream_length, fixed_tanh_sgd_lr, parse_baselines,
     resolve_input_size, resolve_pool)
 
@@ -259,7 +259,7 @@ def _meta_test(config: EvaluateConfig, out_dir: str, shown: Dict[str, Any]
             f"held-out images from the {c.test_split} split (set --split to choose).")
     tanh_sgd_lr = fixed_tanh_sgd_lr(c, probe)
     examples_per_stream = N * max(K, 1)
-    check_memory_of_nearest_neighbour(baselines, len(seeds), examples_per_stream, input_size)
+    check_example_memories(baselines, len(seeds), examples_per_stream, input_size)
 
     # Every data set's stream split, then every learner with meta variables at
     # the streams' input size and each data set's class count (loaded once per

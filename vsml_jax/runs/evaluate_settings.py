@@ -18,7 +18,7 @@ GD_KINDS = ("adam", "sgd", "tanh_sgd")
 NONPARAMETRIC_KINDS = nonparametric.METHODS
 CHECKPOINT_KINDS = ("meta_rnn", "hebbian", "vsml")
 SPLITS = ("train", "test")
-# 1-nearest neighbour keeps every example of every seed's stream in memory.
+# 1-nearest neighbour and Parzen keep every example of every seed's stream in memory.
 NEAREST_NEIGHBOUR_MAX_BYTES = 8 * 2**30
 
 
@@ -153,11 +153,11 @@ def parse_baselines(specs: Sequence[str], taken: Tuple[str, ...] = ()
     return out
 
 
-def check_memory_of_nearest_neighbour(baselines, seeds: int, examples: int,
-                                      input_size: int) -> None:
+def check_example_memories(baselines, seeds: int, examples: int,
+                           input_size: int) -> None:
     """SettingsError if a memory baseline's (nearest_neighbour, parzen)
     memories would not fit."""
-    kinds = [kind for _, kind, _ in baselines if kind in ("nearest_neighbour", "parzen")]
+    kinds = [kind for _, kind, _ in baselines if kind in nonparametric.MEMORY_METHODS]
     if not kinds:
         return
     size = seeds * examples * input_size * 4
